@@ -1,0 +1,34 @@
+"""dmix: mixture models fitted out of core.
+
+Dask streams row blocks of (Zarr) data through per-block E-steps on the workers; the partial
+sufficient statistics are tree-reduced and the M-step runs on the driver.
+"""
+
+from dmix.errors import (
+    CheckpointMismatchError,
+    ConvergenceWarning,
+    DataError,
+    DmixError,
+    IllConditionedError,
+    InvalidParameterError,
+    NotFittedError,
+)
+from dmix.estimators import GaussianMixture
+from dmix.families.covariance import COVARIANCE_TYPES
+from dmix.families.gaussian import Gaussian
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COVARIANCE_TYPES",
+    "CheckpointMismatchError",
+    "ConvergenceWarning",
+    "DataError",
+    "DmixError",
+    "Gaussian",
+    "GaussianMixture",
+    "IllConditionedError",
+    "InvalidParameterError",
+    "NotFittedError",
+    "__version__",
+]

@@ -1,0 +1,200 @@
+"""The driver loop: E-step pass, M-step, convergence test, restarts. It knows no family.
+
+One iteration is one pass over the data (one ``compute``): every block returns the family's
+statistics at the current parameters, the tree reduces them, and the M-step runs here on the
+driver. As in scikit-learn, the lower bound recorded at iteration ``t`` is the mean
+log-likelihood of the parameters *entering* iteration ``t`` (computed in the same pass), and
+EM stops when it changes by less than ``tol``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dmix.engine.reduce import map_reduce
+from dmix.errors import ConvergenceWarning, DataError
+from dmix.families.base import Params, Stats
+from dmix.xp import get_namespace
+
+__all__ = ["EMResult", "Monitor", "apply_batched", "estep_pass", "fit_em", "run_em"]
+
+#: Target bytes of E-step temporaries per sub-batch inside a block (fits in cache-friendly sizes).
+SUBBATCH_BYTES = 8 * 2**20
+
+
+@dataclass
+class IterationRecord:
+    """What one EM iteration reports."""
+
+    init: int
+    iteration: int
+    lower_bound: float
+    change: float
+    seconds: float
+
+
+@dataclass
+class EMResult:
+    """The outcome of one EM run (one initialisation)."""
+
+    params: Params
+    lower_bound: float
+    lower_bounds: list[float] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+
+
+class Monitor:
+    """Receives progress; the default does nothing. Subclass to print, log or plot."""
+
+    def begin_init(self, init: int) -> None:
+        pass
+
+    def end_iteration(self, record: IterationRecord) -> None:
+        pass
+
+    def end_init(self, init: int, result: EMResult, seconds: float) -> None:
+        pass
+
+
+def batch_rows(family, n_features: int, n_components: int) -> int:
+    """Rows per sub-batch so that E-step temporaries stay near :data:`SUBBATCH_BYTES`."""
+    per_row = max(1, family.temp_bytes_per_row(n_features, n_components))
+    return max(64, SUBBATCH_BYTES // per_row)
+
+
+def nonfinite_error(x, start: int, index: int, source: str, n_bad: int) -> DataError:
+    """The error for a block whose rows gave a non-finite log-density, naming chunk and rows."""
+    host = np.asarray(x) if get_namespace(x) is np else x.get()
+    bad_rows = np.flatnonzero(~np.isfinite(host).all(axis=1))
+    span = f"chunk {index} (rows {start}-{start + x.shape[0] - 1})"
+    if bad_rows.size:
+        return DataError(
+            f"Input X contains NaN or infinity: {span} of {source} has {bad_rows.size} "
+            f"row(s) with non-finite values, the first at row {start + int(bad_rows[0])}. "
+            "Remove or impute those rows before fitting."
+        )
+    return DataError(
+        f"{span} of {source} has {n_bad} row(s) whose log-density is not finite although "
+        "their values are; the values are too large for float64 arithmetic. Scale the data."
+    )
+
+
+def apply_batched(x, fn, family, params, n_components: int):
+    """``fn(params, x_batch, xp)`` over sub-batches of ``x``, concatenated along rows."""
+    xp = get_namespace(x)
+    rows = batch_rows(family, x.shape[1], n_components)
+    if x.shape[0] <= rows:
+        return fn(params, x, xp)
+    return xp.concatenate([fn(params, x[lo : lo + rows], xp) for lo in range(0, x.shape[0], rows)])
+
+
+def _estep_block(x, start, index, family, params, rows, source):
+    """Per block on a worker: the family's E-step over sub-batches, summed."""
+    xp = get_namespace(x)
+    stats = None
+    for lo in range(0, max(1, x.shape[0]), rows):
+        part = family.estep(params, x[lo : lo + rows], xp)
+        stats = part if stats is None else family.combine(stats, part)
+    if stats["n_nonfinite"]:
+        raise nonfinite_error(x, start, index, source, int(stats["n_nonfinite"]))
+    return stats
+
+
+def estep_pass(family, data, params: Params, *, source="the data", split_every=None,
+               client=None) -> Stats:
+    """One pass over ``data``: the family's statistics at ``params``, reduced over all blocks."""
+    k, d = np.shape(params["means"]) if "means" in params else (1, data.shape[1])
+    rows = batch_rows(family, data.shape[1], k)
+    return map_reduce(
+        data, _estep_block, family, params, rows, source,
+        combine=family.combine, split_every=split_every, label="estep", client=client,
+    )
+
+
+def run_em(
+    family,
+    data,
+    params: Params,
+    *,
+    max_iter: int,
+    tol: float,
+    init: int = 0,
+    lower_bound: float = -math.inf,
+    source: str = "the data",
+    split_every: int | None = None,
+    client=None,
+    monitor: Monitor | None = None,
+) -> EMResult:
+    """EM from ``params`` until the mean log-likelihood changes by less than ``tol``.
+
+    ``lower_bound`` is the value the first change is measured from (``-inf`` for a fresh start;
+    the previous fit's for a warm start).
+    """
+    monitor = monitor or Monitor()
+    state: dict = {}
+    result = EMResult(params=params, lower_bound=lower_bound)
+    for n_iter in range(1, max_iter + 1):
+        tic = time.perf_counter()
+        stats = estep_pass(family, data, params, source=source, split_every=split_every,
+                           client=client)
+        params, state = family.mstep(params, stats, state)
+        previous, lower_bound = lower_bound, float(stats["loglik"] / stats["n"])
+        change = lower_bound - previous
+        result.lower_bounds.append(lower_bound)
+        result.params, result.lower_bound, result.n_iter = params, lower_bound, n_iter
+        monitor.end_iteration(
+            IterationRecord(init, n_iter, lower_bound, change, time.perf_counter() - tic)
+        )
+        if abs(change) < tol:
+            result.converged = True
+            break
+    return result
+
+
+def fit_em(
+    family,
+    data,
+    initialize: Callable[[int], Params],
+    *,
+    n_init: int = 1,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    lower_bound: float = -math.inf,
+    source: str = "the data",
+    split_every: int | None = None,
+    client=None,
+    monitor: Monitor | None = None,
+) -> EMResult:
+    """Run EM from ``n_init`` initialisations and keep the one with the best final lower bound.
+
+    ``initialize(i)`` returns the starting parameters of restart ``i``. Warns with
+    :class:`~dmix.errors.ConvergenceWarning` when the kept run did not converge.
+    """
+    monitor = monitor or Monitor()
+    best: EMResult | None = None
+    for init in range(n_init):
+        tic = time.perf_counter()
+        monitor.begin_init(init)
+        result = run_em(
+            family, data, initialize(init), max_iter=max_iter, tol=tol, init=init,
+            lower_bound=lower_bound, source=source, split_every=split_every, client=client,
+            monitor=monitor,
+        )
+        monitor.end_init(init, result, time.perf_counter() - tic)
+        if best is None or result.lower_bound > best.lower_bound:
+            best = result
+    if not best.converged and max_iter > 0:
+        warnings.warn(
+            "Best performing initialization did not converge. Try different init parameters, "
+            "or increase max_iter, tol, or check for degenerate data.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return best

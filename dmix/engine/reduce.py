@@ -1,0 +1,160 @@
+"""The Dask side of the engine: per-block work, the reduction tree, and data placement.
+
+Each pass over the data is one graph and one ``compute``::
+
+    dmix-params-<call>      one node holding the parameters (not scattered: see DESIGN.md)
+    dmix-<label>-<call>-i   chunk_fn(block_i, first_row_i, i, *args)   on the workers
+    dmix-reduce-<call>-l-j  combine of at most ``split_every`` inputs, level l
+
+The tree has depth ``ceil(log_split_every(n_blocks))``. Keys start with alphabetic words and
+continue with numbers, so the dashboard groups them as ``dmix-estep`` and ``dmix-reduce``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import uuid
+
+import dask
+import dask.array as da
+import numpy as np
+
+__all__ = [
+    "DEFAULT_SPLIT_EVERY",
+    "map_blocks",
+    "map_reduce",
+    "place_data",
+    "resolve_client",
+    "tree_depth",
+]
+
+DEFAULT_SPLIT_EVERY = 16
+_calls = itertools.count()
+
+
+def _run_chunk(chunk_fn, block, start, index, args):
+    return chunk_fn(block, start, index, *args)
+
+
+def _combine_many(combine, *parts):
+    return functools.reduce(combine, parts)
+
+
+def tree_depth(n_blocks: int, split_every: int) -> int:
+    """Levels of combine tasks above ``n_blocks`` leaves with fan-in ``split_every``."""
+    return 0 if n_blocks <= 1 else math.ceil(math.log(n_blocks) / math.log(split_every) - 1e-12)
+
+
+def _check_split_every(split_every) -> int:
+    if split_every is None:
+        return DEFAULT_SPLIT_EVERY
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise ValueError(f"split_every must be an int >= 2. Got {split_every!r} instead.")
+    return split_every
+
+
+def map_reduce(
+    data: da.Array,
+    chunk_fn,
+    *args,
+    combine,
+    split_every: int | None = None,
+    label: str = "estep",
+    client=None,
+):
+    """Apply ``chunk_fn(block, first_row, block_index, *args)`` to every row block of ``data``
+    and reduce the results with ``combine`` over a tree of fan-in ``split_every``.
+
+    Returns the reduced value, computed on ``client`` if given, else on Dask's current
+    scheduler (synchronous, threaded, or a default ``distributed.Client``).
+    """
+    split_every = _check_split_every(split_every)
+    tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
+    starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).tolist()
+    blocks = data.to_delayed(optimize_graph=False).ravel()
+    shared = dask.delayed(args, name=f"dmix-params-{tag}", traverse=False)
+    parts = [
+        dask.delayed(_run_chunk, pure=True)(
+            chunk_fn, block, starts[i], i, shared, dask_key_name=f"dmix-{label}-{tag}-{i}"
+        )
+        for i, block in enumerate(blocks)
+    ]
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(_combine_many, pure=True)(
+                combine,
+                *parts[j : j + split_every],
+                dask_key_name=f"dmix-reduce-{tag}-{level}-{j // split_every}",
+            )
+            for j in range(0, len(parts), split_every)
+        ]
+        level += 1
+    root = parts[0]
+    if client is not None:
+        return client.compute(root).result()
+    return dask.compute(root)[0]
+
+
+def map_blocks(data: da.Array, block_fn, *args, out_columns: int | None, dtype, label: str):
+    """Lazily apply ``block_fn(block, *args)`` per row block: (n, out_columns), or (n,) if None."""
+    shared = dask.delayed(args, name=f"dmix-params-{next(_calls)}-{uuid.uuid4().hex[:8]}",
+                          traverse=False)
+    if out_columns is None:
+        return data.map_blocks(
+            _apply, block_fn, shared, drop_axis=1, dtype=dtype, name=f"dmix-{label}",
+            meta=np.empty((0,), dtype=dtype),
+        )
+    return data.map_blocks(
+        _apply, block_fn, shared, chunks=(data.chunks[0], (out_columns,)), dtype=dtype,
+        name=f"dmix-{label}", meta=np.empty((0, 0), dtype=dtype),
+    )
+
+
+def _apply(block, block_fn, args):
+    return block_fn(block, *args)
+
+
+def _available_memory(client) -> float:
+    """Bytes the data may occupy: worker memory limits on a cluster, else free host memory."""
+    if client is not None:
+        limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+        if all(limits):
+            return float(sum(limits))
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with distributed
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def resolve_client(client=None):
+    """The ``distributed.Client`` a pass should use: ``client``, else the default client unless
+    a local scheduler (``"sync"``, ``"threads"``, ``"processes"``) is configured, else None."""
+    if client is not None:
+        return client
+    if dask.config.get("scheduler", None) is not None:
+        return None
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def place_data(data: da.Array, client=None, in_memory: bool = False, fraction: float = 0.5):
+    """Persist ``data`` where it fits in ``fraction`` of the available memory, else leave it lazy.
+
+    In-memory (NumPy) sources are persisted on a cluster so that their blocks travel to the
+    workers once, not once per iteration; with a local scheduler they are already in memory.
+    Zarr sources are read once and kept when they fit, and streamed every pass otherwise.
+    """
+    fits = data.nbytes <= fraction * _available_memory(client)
+    if client is not None:
+        return client.persist(data) if in_memory or fits else data
+    return data if in_memory or not fits else data.persist()

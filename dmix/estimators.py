@@ -1,0 +1,429 @@
+"""scikit-learn style estimators over the engine.
+
+:class:`GaussianMixture` takes scikit-learn's constructor parameters with the same defaults and
+meaning, plus ``chunk_size``, ``client`` and ``split_every``. NumPy input gives NumPy output;
+Dask, Zarr and path inputs are streamed and array results come back as lazy Dask arrays.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import time
+
+import numpy as np
+
+from dmix.engine import init as _init
+from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
+from dmix.engine.reduce import map_blocks, place_data, resolve_client
+from dmix.errors import DataError, InvalidParameterError, NotFittedError
+from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
+from dmix.families.gaussian import Gaussian
+from dmix.io.source import as_source
+from dmix.rng import seed_sequence_int
+
+__all__ = ["GaussianMixture"]
+
+_INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+
+
+class _ParamsMixin:
+    """``get_params`` / ``set_params`` / ``repr`` by constructor introspection, as scikit-learn."""
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return sorted(p.name for p in sig.parameters.values() if p.name != "self")
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Parameters of this estimator, as given to the constructor."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        """Set constructor parameters; unknown names raise and list the valid ones."""
+        valid = self._param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise InvalidParameterError(
+                    f"Invalid parameter {key!r} for estimator {type(self).__name__}. "
+                    f"Valid parameters are: {valid!r}."
+                )
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {
+            p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
+        }
+        changed = [
+            f"{k}={v!r}" for k, v in self.get_params().items()
+            if not (v is defaults[k] or (np.isscalar(v) and np.isscalar(defaults[k])
+                                         and v == defaults[k]))
+        ]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+
+class _VerboseMonitor(Monitor):
+    """scikit-learn's verbose messages: per initialisation, and per iteration when verbose >= 2."""
+
+    def __init__(self, verbose: int, interval: int):
+        self.verbose, self.interval = verbose, interval
+
+    def begin_init(self, init):
+        if self.verbose:
+            print(f"Initialization {init}")
+
+    def end_iteration(self, r):
+        if self.verbose >= 2 and r.iteration % self.interval == 0:
+            print(f"  Iteration {r.iteration}\t time lapse {r.seconds:.5f}s\t ll change "
+                  f"{r.change:.5f}")
+
+    def end_init(self, init, result, seconds):
+        if self.verbose:
+            state = "converged" if result.converged else "did not converge"
+            print(f"Initialization {state}. time lapse {seconds:.5f}s\t lower bound "
+                  f"{result.lower_bound:.5f}.")
+
+
+def _check_number(owner, name, value, kind, low, closed_low=True):
+    ok_type = (
+        isinstance(value, numbers.Integral) if kind == "int" else isinstance(value, numbers.Real)
+    ) and not isinstance(value, bool)
+    ok = ok_type and (value >= low if closed_low else value > low)
+    if not ok:
+        bracket = "[" if closed_low else "("
+        kind_name = "an int" if kind == "int" else "a float"
+        raise InvalidParameterError(
+            f"The {name!r} parameter of {owner} must be {kind_name} in the range "
+            f"{bracket}{low}, inf). Got {value!r} instead."
+        )
+
+
+class GaussianMixture(_ParamsMixin):
+    """Gaussian mixture fitted by EM, streamed over row blocks.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        Number of mixture components.
+    covariance_type : {'full', 'tied', 'diag', 'spherical', 'tied_diag', 'tied_spherical'}, \
+default='full'
+        Structure of the covariances (``'tied_full'`` is an alias of ``'tied'``).
+    tol : float, default=1e-3
+        EM stops when the mean log-likelihood changes by less than this.
+    reg_covar : float, default=1e-6
+        Added to the diagonal of every covariance estimate.
+    max_iter : int, default=100
+        Number of EM iterations per initialisation.
+    n_init : int, default=1
+        Number of initialisations; the one with the best final lower bound is kept.
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
+        How responsibilities are initialised (k-means|| seeding and Lloyd iterations on the
+        cluster for 'kmeans').
+    weights_init, means_init, precisions_init : array-like, optional
+        User-provided initial parameters; each overrides what ``init_params`` gives.
+    random_state : int, RandomState instance or None, default=None
+        Seed of every random choice; the result does not depend on the chunking.
+    warm_start : bool, default=False
+        Start each ``fit`` from the previous solution (then ``n_init`` is 1).
+    verbose : int, default=0
+        1 prints per initialisation, 2 also per ``verbose_interval`` iterations.
+    verbose_interval : int, default=10
+        Iterations between messages at ``verbose >= 2``.
+    chunk_size : int, optional
+        Rows per block. Default: the input's own chunks (Dask), a multiple of the stored chunks
+        (Zarr), or about 32 MiB (NumPy).
+    client : distributed.Client, optional
+        Cluster to run on. Default: the current default client, else Dask's local scheduler.
+    split_every : int, optional
+        Fan-in of the reduction tree (default 16).
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_, precisions_, precisions_cholesky_ : ndarray
+        Shapes by covariance type: full (K, D, D), tied (D, D), diag (K, D), spherical (K,),
+        tied_diag (D,), tied_spherical ().
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood of the best run's last E-step.
+    lower_bounds_ : list of float
+        The lower bound at every iteration of the best run.
+    n_features_in_ : int
+    """
+
+    def __init__(
+        self,
+        n_components=1,
+        *,
+        covariance_type="full",
+        tol=1e-3,
+        reg_covar=1e-6,
+        max_iter=100,
+        n_init=1,
+        init_params="kmeans",
+        weights_init=None,
+        means_init=None,
+        precisions_init=None,
+        random_state=None,
+        warm_start=False,
+        verbose=0,
+        verbose_interval=10,
+        chunk_size=None,
+        client=None,
+        split_every=None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.chunk_size = chunk_size
+        self.client = client
+        self.split_every = split_every
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _check_parameters(self):
+        name = type(self).__name__
+        _check_number(name, "n_components", self.n_components, "int", 1)
+        _check_number(name, "tol", self.tol, "float", 0)
+        _check_number(name, "reg_covar", self.reg_covar, "float", 0)
+        _check_number(name, "max_iter", self.max_iter, "int", 0)
+        _check_number(name, "n_init", self.n_init, "int", 1)
+        _check_number(name, "verbose", self.verbose, "int", 0)
+        _check_number(name, "verbose_interval", self.verbose_interval, "int", 1)
+        if self.split_every is not None:
+            _check_number(name, "split_every", self.split_every, "int", 2)
+        options = [*COVARIANCE_TYPES, "tied_full"]
+        if self.covariance_type not in options:
+            raise InvalidParameterError(
+                f"The 'covariance_type' parameter of {name} must be a str among "
+                f"{sorted(options)}. Got {self.covariance_type!r} instead."
+            )
+        if self.init_params not in _INIT_METHODS:
+            raise InvalidParameterError(
+                f"The 'init_params' parameter of {name} must be a str among "
+                f"{sorted(_INIT_METHODS)}. Got {self.init_params!r} instead."
+            )
+
+    def _check_user_init(self, family: Gaussian, n_features: int):
+        """Validate ``weights_init``, ``means_init`` and ``precisions_init`` (scikit-learn's checks)."""
+        k = self.n_components
+        out = {}
+        if self.weights_init is not None:
+            w = np.asarray(self.weights_init, dtype=np.float64)
+            if w.shape != (k,):
+                raise InvalidParameterError(
+                    f"The parameter 'weights' should have the shape of ({k},), but got "
+                    f"{w.shape}.")
+            if np.any(w < 0) or np.any(w > 1):
+                raise InvalidParameterError(
+                    "The parameter 'weights' should be in the range [0, 1], but got "
+                    f"max value {w.max():.5f}, min value {w.min():.5f}")
+            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
+                raise InvalidParameterError(
+                    f"The parameter 'weights' should be normalized, but got sum(weights) = "
+                    f"{w.sum():.5f}")
+            out["weights"] = w
+        if self.means_init is not None:
+            m = np.asarray(self.means_init, dtype=np.float64)
+            if m.shape != (k, n_features):
+                raise InvalidParameterError(
+                    f"The parameter 'means' should have the shape of {(k, n_features)}, but "
+                    f"got {m.shape}.")
+            out["means"] = m
+        if self.precisions_init is not None:
+            cov = family.covariance
+            p = np.asarray(self.precisions_init, dtype=np.float64)
+            shape = cov.shape(k, n_features)
+            if p.shape != shape:
+                raise InvalidParameterError(
+                    f"The parameter '{cov.name} precision' should have the shape of {shape}, "
+                    f"but got {p.shape}.")
+            dense = cov.dense(p, k, n_features)
+            if not np.allclose(dense, np.swapaxes(dense, 1, 2)) or np.any(
+                np.linalg.eigvalsh(dense) <= 0
+            ):
+                raise InvalidParameterError(
+                    f"'{cov.name} precision' should be symmetric, positive-definite")
+            out["precisions"] = p
+        return out
+
+    def _check_is_fitted(self):
+        if not hasattr(self, "means_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
+                "appropriate arguments before using this estimator."
+            )
+
+    def _source(self, X, fitting=False):
+        source = as_source(X, chunk_size=self.chunk_size)
+        n_samples, n_features = source.shape
+        if fitting:
+            if n_samples < self.n_components:
+                raise DataError(
+                    f"Expected n_samples >= n_components but got n_components = "
+                    f"{self.n_components}, n_samples = {n_samples}")
+        elif n_features != self.n_features_in_:
+            raise DataError(
+                f"X has {n_features} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input.")
+        return source
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    @property
+    def _family(self) -> Gaussian:
+        return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
+                        reg_covar=float(self.reg_covar))
+
+    def fit(self, X, y=None):
+        """Estimate the parameters with EM.
+
+        Parameters
+        ----------
+        X : array-like, dask array, zarr array, or path/URL of a Zarr array
+            Data of shape (n_samples, n_features).
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_parameters()
+        source = self._source(X, fitting=True)
+        family = self._family
+        n_features = source.shape[1]
+        user = self._check_user_init(family, n_features)
+        client = resolve_client(self.client)
+        data = place_data(source.array, client, in_memory=source.in_memory)
+
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        seed = seed_sequence_int(self.random_state)
+        passes = dict(source=source.description, split_every=self.split_every, client=client)
+
+        def initialize(restart):
+            if not do_init:
+                return self._params
+            if len(user) == 3:
+                return family.make_params(user["weights"], user["means"],
+                                          precisions=user["precisions"])
+            params = _init.initial_params(
+                family, data, self.n_components, self.init_params, seed=seed, restart=restart,
+                **passes)
+            if user:
+                params = family.make_params(
+                    user.get("weights", params["weights"]), user.get("means", params["means"]),
+                    **({"precisions": user["precisions"]} if "precisions" in user
+                       else {"covariances": params["covariances"]}))
+            return params
+
+        tic = time.perf_counter()
+        result = fit_em(
+            family, data, initialize, n_init=self.n_init if do_init else 1,
+            max_iter=self.max_iter, tol=self.tol,
+            lower_bound=-math.inf if do_init else self.lower_bound_,
+            monitor=_VerboseMonitor(self.verbose, self.verbose_interval), **passes)
+        self._set_params(family, result.params)
+        self.converged_ = result.converged
+        self.n_iter_ = result.n_iter
+        self.lower_bound_ = result.lower_bound
+        self.lower_bounds_ = list(result.lower_bounds)
+        self.n_features_in_ = n_features
+        self.fit_seconds_ = time.perf_counter() - tic
+        return self
+
+    def _set_params(self, family: Gaussian, params):
+        cov = family.covariance
+        self.weights_ = params["weights"]
+        self.means_ = params["means"]
+        self.covariances_ = params["covariances"]
+        self.precisions_cholesky_ = params["precisions_cholesky"]
+        self.precisions_ = cov.precisions(params["precisions_cholesky"])
+
+    @property
+    def _params(self):
+        return {
+            "weights": self.weights_,
+            "means": self.means_,
+            "covariances": self.covariances_,
+            "precisions_cholesky": self.precisions_cholesky_,
+        }
+
+    def fit_predict(self, X, y=None):
+        """Fit, then return the component of every row (consistent with ``predict``)."""
+        return self.fit(X).predict(X)
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _per_row(self, X, method: str, out_columns):
+        """Apply a family method per row block: eagerly for NumPy input, lazily otherwise."""
+        self._check_is_fitted()
+        source = self._source(X)
+        family = self._family
+        fn = getattr(family, method)
+        if source.local is not None:
+            return apply_batched(source.local, fn, family, self._params, self.n_components)
+        return map_blocks(source.array, apply_batched, fn, family, self._params,
+                          self.n_components, out_columns=out_columns, dtype=np.float64,
+                          label=method.replace("_", ""))
+
+    def score_samples(self, X):
+        """Log-likelihood of each row, shape (n_samples,)."""
+        return self._per_row(X, "log_density", None)
+
+    def predict_proba(self, X):
+        """Posterior probability of each component for each row, shape (n_samples, K)."""
+        return self._per_row(X, "predict_proba", self.n_components)
+
+    def predict(self, X):
+        """Most probable component of each row, shape (n_samples,)."""
+        proba = self.predict_proba(X)
+        return proba.argmax(axis=1)
+
+    def score(self, X, y=None):
+        """Mean log-likelihood of the rows (one streamed pass for out-of-core input)."""
+        self._check_is_fitted()
+        source = self._source(X)
+        client = resolve_client(self.client)
+        stats = estep_pass(self._family, source.array, self._params, source=source.description,
+                           split_every=self.split_every, client=client)
+        return float(stats["loglik"] / stats["n"])
+
+    def _n_parameters(self) -> int:
+        return self._family.n_parameters(self._params)
+
+    def bic(self, X):
+        """Bayesian information criterion: ``-2 log L + p log N`` (lower is better)."""
+        n = as_source(X).shape[0]
+        return -2 * self.score(X) * n + self._n_parameters() * math.log(n)
+
+    def aic(self, X):
+        """Akaike information criterion: ``-2 log L + 2 p`` (lower is better)."""
+        n = as_source(X).shape[0]
+        return -2 * self.score(X) * n + 2 * self._n_parameters()
+
+    def sample(self, n_samples=1):
+        """Draw ``(X, labels)`` from the fitted model, rows grouped by component."""
+        self._check_is_fitted()
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or (
+            n_samples < 1
+        ):
+            raise InvalidParameterError(
+                f"Invalid value for 'n_samples': {n_samples!r}. The sampling requires at least "
+                "one sample.")
+        rng = np.random.default_rng(seed_sequence_int(self.random_state))
+        return self._family.sample(self._params, int(n_samples), rng)

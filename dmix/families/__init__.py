@@ -1,0 +1,7 @@
+"""Model families: what is computed. Each family is a frozen dataclass of hyperparameters."""
+
+from dmix.families.base import Family, tree_add
+from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
+from dmix.families.gaussian import Gaussian
+
+__all__ = ["COVARIANCE_TYPES", "Family", "Gaussian", "get_covariance", "tree_add"]

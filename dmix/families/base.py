@@ -1,0 +1,85 @@
+"""The family protocol: what a mixture family gives the engine, and the conventions it keeps.
+
+Glossary (used in the maths and the shapes of every family): a block has ``n`` rows of ``D``
+features; a model has ``K`` components; the whole dataset has ``N`` rows.
+
+``Params``, ``Stats`` and ``State`` are flat ``dict``s of NumPy arrays (or Python scalars), so
+they pickle, checkpoint and reduce without special cases:
+
+* ``Params`` -- the model parameters, float64, on the driver.
+* ``Stats`` -- what a block returns from :meth:`Family.estep`: float64 host arrays, additive over
+  blocks. Every family's ``Stats`` carry ``n`` (rows), ``loglik`` (sum of ``log p(x)`` over the
+  rows at the current parameters) and ``n_nonfinite`` (rows whose log-density was not finite;
+  their other statistics are zero, so one bad row never poisons a sum with NaN).
+* ``State`` -- driver-side state of the M-step (optimizer moments for gradient families); the
+  closed-form families leave it empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+__all__ = ["Family", "Params", "Stats", "State", "tree_add", "tree_allclose"]
+
+Params = dict[str, Any]
+Stats = dict[str, Any]
+State = dict[str, Any]
+
+#: Keys every ``Stats`` carries, whatever the family.
+REQUIRED_STATS = ("n", "loglik", "n_nonfinite")
+
+
+class Family(Protocol):
+    """A mixture family that the engine fits without knowing what it is.
+
+    A family is a frozen dataclass of hyperparameters. It never imports Dask, Zarr or CuPy: the
+    worker-side methods receive the array namespace ``xp`` of the block.
+    """
+
+    name: ClassVar[str]
+
+    def estep(self, params: Params, x, xp) -> Stats:
+        """Statistics of one block ``x`` (n, D) at ``params``. Pure; runs on a worker."""
+
+    def combine(self, a: Stats, b: Stats) -> Stats:
+        """Merge two statistics; associative and commutative."""
+
+    def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
+        """New parameters from the reduced statistics. Runs on the driver."""
+
+    def log_density(self, params: Params, x, xp):
+        """``log p(x)`` per row, shape (n,)."""
+
+    def predict_proba(self, params: Params, x, xp):
+        """Posterior component probabilities per row, shape (n, K)."""
+
+    def n_parameters(self, params: Params) -> int:
+        """Number of free parameters, for BIC and AIC."""
+
+    def sample(self, params: Params, n_samples: int, rng: np.random.Generator):
+        """Draw ``(X, labels)`` from the model."""
+
+    def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
+        """Bytes of E-step temporaries per row, so the engine can size sub-batches."""
+
+
+def tree_add(a: Stats, b: Stats) -> Stats:
+    """Key-wise sum of two statistics dictionaries with the same keys."""
+    if a.keys() != b.keys():
+        raise ValueError(f"Cannot add statistics with keys {sorted(a)} and {sorted(b)}.")
+    return {k: a[k] + b[k] for k in a}
+
+
+def tree_allclose(a: Stats, b: Stats, rtol: float, atol: float = 0.0) -> bool:
+    """Whether two statistics dictionaries agree key by key within tolerances."""
+    return a.keys() == b.keys() and all(
+        np.allclose(a[k], b[k], rtol=rtol, atol=atol) for k in a
+    )
+
+
+def family_spec(family) -> dict:
+    """A JSON-serialisable description of a family: its name and hyperparameters."""
+    return {"name": family.name, **dataclasses.asdict(family)}

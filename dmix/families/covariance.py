@@ -1,0 +1,394 @@
+"""The six covariance structures of a Gaussian mixture, one small class each, in one table.
+
+Every question whose answer depends on the covariance type -- the E-step distances, the
+second-order statistic, the M-step estimate, the precision Cholesky factor, the parameter count
+-- is answered by the structure's class, so no other module branches on the type.
+
+Conventions (those of scikit-learn, extended to the two tied structures mclust adds):
+
+============== =================== ==================================== ===============
+name           mclust              ``covariances_`` / ``precisions_``    statistic ``s2``
+============== =================== ==================================== ===============
+full           VVV                 (K, D, D)                            (K, D, D)
+tied           EEE                 (D, D)                               (D, D)
+diag           VVI                 (K, D)                               (K, D)
+spherical      VII                 (K,)                                 (K,)
+tied_diag      EEI                 (D,)                                 (D,)
+tied_spherical EII                 ()                                   ()
+============== =================== ==================================== ===============
+
+``precisions_cholesky_`` has the shape of ``covariances_``; for the matrix types it is the
+upper-triangular ``U`` with ``inv(Sigma) = U @ U.T``, for the others ``1 / sqrt(variance)``.
+
+Worker-side methods take data ``xc = x - c`` and means ``means_c = mu - c`` centred by the same
+shift ``c`` (``dmix.families.gaussian`` picks it), so distances never suffer the cancellation
+of raw coordinates far from the origin. Statistics are second moments about ``c``:
+``s2 = sum_i r_ik xc_i xc_i^T`` (reduced as the structure needs), and the M-step turns them into
+covariances with ``b_k = s1_k / N_k = mu_k - c`` (shared/notes/model-math.md section 1.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dmix.errors import IllConditionedError
+
+__all__ = ["COVARIANCE_TYPES", "get_covariance"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+ILL_DEFINED = (
+    "Fitting the mixture model failed because {what} has an ill-defined empirical covariance "
+    "(for instance caused by singleton or collapsed samples). Try to decrease the number of "
+    "components, increase reg_covar, or scale the input data."
+)
+
+
+def _add_to_diagonal(a: np.ndarray, value: float) -> np.ndarray:
+    d = a.shape[-1]
+    a = a.copy()
+    a[..., np.arange(d), np.arange(d)] += value
+    return a
+
+
+def _symmetrize(a: np.ndarray) -> np.ndarray:
+    return 0.5 * (a + np.swapaxes(a, -1, -2))
+
+
+def _flip(a: np.ndarray) -> np.ndarray:
+    return a[..., ::-1, ::-1]
+
+
+def _upper_factor_of_inverse(cov: np.ndarray, names) -> np.ndarray:
+    """``U`` upper triangular with ``inv(cov) = U @ U.T``, for (..., D, D) SPD ``cov``.
+
+    With ``cov = L @ L.T`` (Cholesky), ``U = inv(L).T``: a triangular solve, no explicit inverse
+    of ``cov``. ``names`` gives, per leading index, what to call the matrix in an error.
+    """
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        raise IllConditionedError(ILL_DEFINED.format(what=_first_failure(cov, names))) from None
+    eye = np.broadcast_to(np.eye(cov.shape[-1]), cov.shape)
+    return np.swapaxes(np.linalg.solve(chol, eye), -1, -2)
+
+
+def _upper_factor(precision: np.ndarray) -> np.ndarray:
+    """``U`` upper triangular with ``precision = U @ U.T`` (Cholesky of the flipped matrix)."""
+    return _flip(np.linalg.cholesky(_flip(precision)))
+
+
+def _first_failure(cov: np.ndarray, names) -> str:
+    mats = cov.reshape(-1, *cov.shape[-2:])
+    for i, m in enumerate(mats):
+        try:
+            np.linalg.cholesky(m)
+        except np.linalg.LinAlgError:
+            return names(i)
+    return names(0)  # pragma: no cover - the batched call failed, so one matrix does
+
+
+def _check_positive(variances: np.ndarray, names) -> None:
+    bad = np.flatnonzero(~(np.asarray(variances) > 0).ravel())
+    if bad.size:
+        raise IllConditionedError(ILL_DEFINED.format(what=names(int(bad[0]))))
+
+
+def _component(i: int) -> str:
+    return f"component {i}"
+
+
+def _shared(i: int) -> str:
+    return "the shared (tied) covariance"
+
+
+class _Covariance:
+    """Interface of a covariance structure. Subclasses fill in each method for their shape."""
+
+    name: str
+    tied: bool
+
+    def shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
+        """Shape of ``covariances_``, ``precisions_`` and ``precisions_cholesky_``."""
+        raise NotImplementedError
+
+    def n_parameters(self, n_components: int, n_features: int) -> int:
+        """Free parameters of the covariances."""
+        raise NotImplementedError
+
+    def log_det(self, prec_chol: np.ndarray, n_features: int):
+        """``log det U = -1/2 log det Sigma`` per component (K,), or a scalar when tied."""
+        raise NotImplementedError
+
+    def mahalanobis(self, xc, means_c, prec_chol, xp):
+        """Squared Mahalanobis distances (n, K) of centred rows to centred means."""
+        raise NotImplementedError
+
+    def second_moment(self, resp, xc, xp):
+        """The additive second-order statistic of a block (shape in the module table)."""
+        raise NotImplementedError
+
+    def estimate(self, nk, b, s2, reg_covar: float) -> np.ndarray:
+        """Covariances from ``nk`` (K,), ``b = s1 / nk`` (K, D) and ``s2``, plus ``reg_covar``."""
+        raise NotImplementedError
+
+    def precision_cholesky(self, covariances: np.ndarray) -> np.ndarray:
+        """``precisions_cholesky_`` from ``covariances_``; raises IllConditionedError."""
+        raise NotImplementedError
+
+    def cholesky_from_precisions(self, precisions: np.ndarray) -> np.ndarray:
+        """``precisions_cholesky_`` from ``precisions_`` (used for ``precisions_init``)."""
+        raise NotImplementedError
+
+    def precisions(self, prec_chol: np.ndarray) -> np.ndarray:
+        """``precisions_`` from ``precisions_cholesky_``."""
+        raise NotImplementedError
+
+    def covariances_from_precisions(self, precisions: np.ndarray) -> np.ndarray:
+        """``covariances_`` from ``precisions_``."""
+        raise NotImplementedError
+
+    def dense(self, covariances: np.ndarray, n_components: int, n_features: int) -> np.ndarray:
+        """The covariances as a (K, D, D) array of full matrices."""
+        raise NotImplementedError
+
+    def log_prob(self, xc, means_c, prec_chol, xp):
+        """``log N(x | mu_k, Sigma_k)`` per row and component, shape (n, K)."""
+        d = xc.shape[1]
+        log_det = xp.asarray(self.log_det(prec_chol, d))
+        return -0.5 * (d * _LOG_2PI + self.mahalanobis(xc, means_c, prec_chol, xp)) + log_det
+
+    def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
+        """Bytes of E-step temporaries per row (for sizing sub-batches)."""
+        return 8 * (4 * n_components + 2 * n_features)
+
+    def __repr__(self) -> str:
+        return f"<covariance {self.name!r}>"
+
+
+class Full(_Covariance):
+    name, tied = "full", False
+
+    def shape(self, n_components, n_features):
+        return (n_components, n_features, n_features)
+
+    def n_parameters(self, n_components, n_features):
+        return n_components * n_features * (n_features + 1) // 2
+
+    def log_det(self, prec_chol, n_features):
+        return np.sum(np.log(np.diagonal(prec_chol, axis1=1, axis2=2)), axis=1)
+
+    def mahalanobis(self, xc, means_c, prec_chol, xp):
+        n, d = xc.shape
+        k = means_c.shape[0]
+        u = xp.asarray(prec_chol)
+        # One GEMM for all components: xc @ [U_1 | ... | U_K]  (n, K*D), then subtract mu_k U_k.
+        u_stack = xp.reshape(xp.transpose(u, (1, 0, 2)), (d, k * d))
+        shifted = xp.matmul(means_c[:, None, :], u)[:, 0, :]
+        y = xp.reshape(xc @ u_stack, (n, k, d)) - shifted
+        return xp.sum(y * y, axis=2)
+
+    def second_moment(self, resp, xc, xp):
+        n, d = xc.shape
+        k = resp.shape[1]
+        # sum_i r_ik xc_i xc_i^T for all k as one GEMM: (r * xc)^T (K*D, n) @ xc (n, D).
+        z = xp.reshape(resp[:, :, None] * xc[:, None, :], (n, k * d))
+        return xp.reshape(z.T @ xc, (k, d, d))
+
+    def estimate(self, nk, b, s2, reg_covar):
+        cov = s2 / nk[:, None, None] - b[:, :, None] * b[:, None, :]
+        return _add_to_diagonal(_symmetrize(cov), reg_covar)
+
+    def precision_cholesky(self, covariances):
+        return _upper_factor_of_inverse(covariances, _component)
+
+    def cholesky_from_precisions(self, precisions):
+        return _upper_factor(precisions)
+
+    def precisions(self, prec_chol):
+        return prec_chol @ np.swapaxes(prec_chol, -1, -2)
+
+    def covariances_from_precisions(self, precisions):
+        return np.linalg.inv(precisions)
+
+    def dense(self, covariances, n_components, n_features):
+        return np.asarray(covariances, dtype=np.float64)
+
+    def temp_bytes_per_row(self, n_features, n_components):
+        return 8 * (3 * n_components * n_features + 4 * n_components + 2 * n_features)
+
+
+class Tied(Full):
+    name, tied = "tied", True
+
+    def shape(self, n_components, n_features):
+        return (n_features, n_features)
+
+    def n_parameters(self, n_components, n_features):
+        return n_features * (n_features + 1) // 2
+
+    def log_det(self, prec_chol, n_features):
+        return float(np.sum(np.log(np.diagonal(prec_chol))))
+
+    def mahalanobis(self, xc, means_c, prec_chol, xp):
+        u = xp.asarray(prec_chol)
+        # Direct form ||U^T (x - mu_k)||^2 in whitened coordinates: no cancellation.
+        y = (xc @ u)[:, None, :] - (means_c @ u)[None, :, :]
+        return xp.sum(y * y, axis=2)
+
+    def second_moment(self, resp, xc, xp):
+        # sum_k sum_i r_ik xc_i xc_i^T = sum_i xc_i xc_i^T, since sum_k r_ik = 1.
+        return xc.T @ xc
+
+    def estimate(self, nk, b, s2, reg_covar):
+        cov = (s2 - (nk[:, None] * b).T @ b) / np.sum(nk)
+        return _add_to_diagonal(_symmetrize(cov), reg_covar)
+
+    def precision_cholesky(self, covariances):
+        return _upper_factor_of_inverse(covariances, _shared)
+
+    def dense(self, covariances, n_components, n_features):
+        return np.broadcast_to(covariances, (n_components, n_features, n_features)).copy()
+
+    def temp_bytes_per_row(self, n_features, n_components):
+        return 8 * (n_components * n_features + 4 * n_components + 3 * n_features)
+
+
+class Diag(_Covariance):
+    name, tied = "diag", False
+
+    def shape(self, n_components, n_features):
+        return (n_components, n_features)
+
+    def n_parameters(self, n_components, n_features):
+        return n_components * n_features
+
+    def log_det(self, prec_chol, n_features):
+        return np.sum(np.log(prec_chol), axis=-1)
+
+    def _precision_rows(self, prec_chol, n_components, n_features):
+        """Per-component precision diagonals, shape (K, D)."""
+        return np.broadcast_to(prec_chol**2, (n_components, n_features))
+
+    def mahalanobis(self, xc, means_c, prec_chol, xp):
+        k, d = means_c.shape
+        p = xp.asarray(self._precision_rows(np.asarray(prec_chol), k, d))
+        # Expansion sum_d p (x - mu)^2 = x^2 p - 2 x (mu p) + mu^2 p: two GEMMs. Safe on
+        # centred data; clipped at 0 against rounding for rows on top of a mean.
+        maha = (xc * xc) @ p.T - 2.0 * (xc @ (means_c * p).T) + xp.sum(means_c * means_c * p, 1)
+        return xp.maximum(maha, 0.0)
+
+    def second_moment(self, resp, xc, xp):
+        return resp.T @ (xc * xc)
+
+    def estimate(self, nk, b, s2, reg_covar):
+        return s2 / nk[:, None] - b * b + reg_covar
+
+    def precision_cholesky(self, covariances):
+        _check_positive(covariances, _component)
+        return 1.0 / np.sqrt(covariances)
+
+    def cholesky_from_precisions(self, precisions):
+        return np.sqrt(precisions)
+
+    def precisions(self, prec_chol):
+        return prec_chol**2
+
+    def covariances_from_precisions(self, precisions):
+        return 1.0 / precisions
+
+    def dense(self, covariances, n_components, n_features):
+        rows = np.broadcast_to(covariances, (n_components, n_features))
+        return rows[:, :, None] * np.eye(n_features)
+
+
+class Spherical(Diag):
+    name, tied = "spherical", False
+
+    def shape(self, n_components, n_features):
+        return (n_components,)
+
+    def n_parameters(self, n_components, n_features):
+        return n_components
+
+    def log_det(self, prec_chol, n_features):
+        return n_features * np.log(prec_chol)
+
+    def _precision_rows(self, prec_chol, n_components, n_features):
+        return np.broadcast_to(np.reshape(prec_chol**2, (-1, 1)), (n_components, n_features))
+
+    def second_moment(self, resp, xc, xp):
+        return resp.T @ xp.sum(xc * xc, axis=1)
+
+    def estimate(self, nk, b, s2, reg_covar):
+        return (s2 / nk - np.sum(b * b, axis=1)) / b.shape[1] + reg_covar
+
+    def dense(self, covariances, n_components, n_features):
+        var = np.broadcast_to(covariances, (n_components,))
+        return var[:, None, None] * np.eye(n_features)
+
+
+class TiedDiag(Diag):
+    name, tied = "tied_diag", True
+
+    def shape(self, n_components, n_features):
+        return (n_features,)
+
+    def n_parameters(self, n_components, n_features):
+        return n_features
+
+    def log_det(self, prec_chol, n_features):
+        return float(np.sum(np.log(prec_chol)))
+
+    def second_moment(self, resp, xc, xp):
+        return xp.sum(xc * xc, axis=0)
+
+    def estimate(self, nk, b, s2, reg_covar):
+        return (s2 - np.sum(nk[:, None] * b * b, axis=0)) / np.sum(nk) + reg_covar
+
+    def precision_cholesky(self, covariances):
+        _check_positive(covariances, _shared)
+        return 1.0 / np.sqrt(covariances)
+
+
+class TiedSpherical(Spherical):
+    name, tied = "tied_spherical", True
+
+    def shape(self, n_components, n_features):
+        return ()
+
+    def n_parameters(self, n_components, n_features):
+        return 1
+
+    def log_det(self, prec_chol, n_features):
+        return float(n_features * np.log(prec_chol))
+
+    def second_moment(self, resp, xc, xp):
+        return xp.sum(xc * xc)
+
+    def estimate(self, nk, b, s2, reg_covar):
+        d = b.shape[1]
+        return np.asarray((s2 - np.sum(nk * np.sum(b * b, axis=1))) / (np.sum(nk) * d) + reg_covar)
+
+    def precision_cholesky(self, covariances):
+        _check_positive(covariances, _shared)
+        return 1.0 / np.sqrt(covariances)
+
+
+#: The table of covariance structures, by name. ``tied_full`` is an alias of ``tied``.
+COVARIANCE_TYPES: dict[str, _Covariance] = {
+    c.name: c for c in (Full(), Tied(), Diag(), Spherical(), TiedDiag(), TiedSpherical())
+}
+_ALIASES = {"tied_full": "tied"}
+
+
+def get_covariance(name: str) -> _Covariance:
+    """The covariance structure called ``name`` (``tied_full`` is accepted for ``tied``)."""
+    key = _ALIASES.get(name, name)
+    try:
+        return COVARIANCE_TYPES[key]
+    except (KeyError, TypeError):
+        valid = ", ".join(repr(k) for k in [*COVARIANCE_TYPES, *_ALIASES])
+        raise ValueError(f"Unknown covariance_type {name!r}; valid options are {valid}.") from None

@@ -1,0 +1,193 @@
+"""Every input becomes a Dask array chunked along rows only, with all features in each block.
+
+Accepted: NumPy arrays (and array-likes), Dask arrays, Zarr arrays, and a path or fsspec URL of
+a Zarr array, or of a group plus the name of an array in it. Data stay float32 or float64 as
+stored (integers and booleans become float64); statistics are always float64.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from dmix.errors import DataError
+
+__all__ = ["Source", "as_source", "DEFAULT_BLOCK_BYTES"]
+
+#: Target bytes of one row block when the caller gives no ``chunk_size``.
+DEFAULT_BLOCK_BYTES = 32 * 2**20
+#: Name of the data array that ``dmix make-data`` writes and that a group opens by default.
+DEFAULT_ARRAY_NAME = "X"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A validated input: the row-chunked Dask array and where it came from."""
+
+    array: da.Array
+    description: str
+    in_memory: bool
+    #: The NumPy array itself for in-memory input (validated, never modified), else None.
+    local: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1
+    ):
+        raise DataError(f"chunk_size must be a positive int or None. Got {chunk_size!r} instead.")
+
+
+def _default_rows(n_features: int, itemsize: int, multiple: int = 1) -> int:
+    rows = max(1, DEFAULT_BLOCK_BYTES // max(1, n_features * itemsize))
+    return max(multiple, rows // multiple * multiple)
+
+
+def _check_dtype(dtype: np.dtype, description: str) -> np.dtype:
+    """float32 and float64 stay; other real numeric types become float64; the rest fail."""
+    if dtype in (np.float32, np.float64):
+        return dtype
+    if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_):
+        return np.dtype(np.float64)
+    if np.issubdtype(dtype, np.floating):  # float16, longdouble
+        return np.dtype(np.float64)
+    raise DataError(
+        f"Expected numeric data of a real dtype in {description}, got dtype {dtype}. "
+        "Convert the data to float32 or float64."
+    )
+
+
+def _check_shape(shape: tuple, description: str) -> None:
+    if len(shape) == 1:
+        raise DataError(
+            f"Expected 2D array, got 1D array instead: {description} has shape {shape}. "
+            "Reshape your data either using array.reshape(-1, 1) if your data has a single "
+            "feature or array.reshape(1, -1) if it contains a single sample."
+        )
+    if len(shape) != 2:
+        raise DataError(
+            f"Expected 2D array (n_samples, n_features), got {len(shape)}D array instead: "
+            f"{description} has shape {shape}."
+        )
+    if shape[0] < 1:
+        raise DataError(
+            f"Found array with 0 sample(s) (shape={shape}) while a minimum of 1 is required: "
+            f"{description}."
+        )
+    if shape[1] < 1:
+        raise DataError(
+            f"Found array with 0 feature(s) (shape={shape}) while a minimum of 1 is required: "
+            f"{description}."
+        )
+
+
+def _rows_only(x: da.Array, chunk_size) -> da.Array:
+    rows = chunk_size if chunk_size is not None else "auto" if x.numblocks[0] == 1 else None
+    if rows is None:
+        return x.rechunk({1: -1}) if x.numblocks[1] > 1 else x
+    if rows == "auto":
+        rows = _default_rows(x.shape[1], x.dtype.itemsize)
+    return x.rechunk({0: rows, 1: -1})
+
+
+def _open_zarr(path, component: str | None, storage_options: dict | None):
+    """Open a path or URL as a Zarr array; a group needs ``component`` or one obvious array."""
+    desc = str(path)
+    try:
+        node = zarr.open(store=path, mode="r", path=component or "",
+                         storage_options=storage_options)
+    except FileNotFoundError:
+        raise DataError(f"No Zarr array or group found at {desc!r}.") from None
+    if isinstance(node, zarr.Array):
+        return node, desc + (f" (array {component!r})" if component else "")
+    names = sorted(name for name, _ in node.arrays())
+    if DEFAULT_ARRAY_NAME in names:
+        name = DEFAULT_ARRAY_NAME
+    elif len(names) == 1:
+        name = names[0]
+    else:
+        raise DataError(
+            f"{desc!r} is a Zarr group with arrays {names}; name the one to fit "
+            f"(component=..., or the path {desc}/NAME)."
+        )
+    return node[name], f"{desc} (array {name!r})"
+
+
+def as_source(
+    X,
+    *,
+    chunk_size: int | None = None,
+    component: str | None = None,
+    storage_options: dict | None = None,
+) -> Source:
+    """Validate ``X`` and return it as a row-chunked Dask array.
+
+    Parameters
+    ----------
+    X : array-like, dask.array.Array, zarr.Array, str or os.PathLike
+        The data, shape (n_samples, n_features). A string is a path or fsspec URL of a Zarr
+        array or group.
+    chunk_size : int, optional
+        Rows per block. Default: the Dask array's own row chunks; for a Zarr array a multiple of
+        its stored chunks (or shards) near 32 MiB; for in-memory data blocks of about 32 MiB.
+    component : str, optional
+        Name of the array inside a Zarr group.
+    storage_options : dict, optional
+        Passed to fsspec for URLs.
+
+    Returns
+    -------
+    Source
+    """
+    _check_chunk_size(chunk_size)
+    if isinstance(X, str | os.PathLike):
+        X, desc = _open_zarr(os.fspath(X), component, storage_options)
+    elif isinstance(X, zarr.Array):
+        desc = f"Zarr array {X.store_path}"
+    elif isinstance(X, da.Array):
+        desc = "the Dask array"
+    else:
+        desc = "the input array"
+
+    if isinstance(X, zarr.Array):
+        _check_shape(X.shape, desc)
+        dtype = _check_dtype(np.dtype(X.dtype), desc)
+        stored = (X.shards or X.chunks)[0]
+        rows = chunk_size or _default_rows(X.shape[1], np.dtype(X.dtype).itemsize, stored)
+        # Pass chunks explicitly: from_zarr would otherwise use the inner chunks of a shard.
+        arr = da.from_zarr(X, chunks=(rows, X.shape[1]))
+        return Source(arr if arr.dtype == dtype else arr.astype(dtype), desc, in_memory=False)
+
+    if isinstance(X, da.Array):
+        _check_shape(X.shape, desc)
+        if any(np.isnan(c).any() for c in X.chunks):
+            raise DataError(f"{desc} has unknown chunk sizes; call compute_chunk_sizes() first.")
+        dtype = _check_dtype(X.dtype, desc)
+        arr = _rows_only(X if X.dtype == dtype else X.astype(dtype), chunk_size)
+        return Source(arr, desc, in_memory=False)
+
+    if type(X).__module__.split(".")[0] == "cupy":
+        raise DataError("CuPy input is not supported yet; pass a NumPy, Dask or Zarr array.")
+    try:
+        arr = np.asarray(X)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"Could not convert the input to a numeric array: {exc}") from None
+    _check_shape(arr.shape, desc)
+    dtype = _check_dtype(arr.dtype, desc)
+    arr = arr.astype(dtype, copy=False)  # no copy for float32/float64; the input is never modified
+    rows = chunk_size or _default_rows(arr.shape[1], arr.dtype.itemsize)
+    # name=False: no hashing of the whole array to build a key.
+    blocks = da.from_array(arr, chunks=(rows, arr.shape[1]), name=False)
+    return Source(blocks, desc, in_memory=True, local=arr)
