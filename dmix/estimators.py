@@ -290,7 +290,7 @@ default='full'
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar))
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, *, monitor: Monitor | None = None):
         """Estimate the parameters with EM.
 
         Parameters
@@ -298,6 +298,9 @@ default='full'
         X : array-like, dask array, zarr array, or path/URL of a Zarr array
             Data of shape (n_samples, n_features).
         y : ignored
+        monitor : dmix.engine.Monitor, optional
+            Receives a record per iteration (the CLI prints them); replaces the ``verbose``
+            messages.
 
         Returns
         -------
@@ -336,7 +339,7 @@ default='full'
             family, data, initialize, n_init=self.n_init if do_init else 1,
             max_iter=self.max_iter, tol=self.tol,
             lower_bound=-math.inf if do_init else self.lower_bound_,
-            monitor=_VerboseMonitor(self.verbose, self.verbose_interval), **passes)
+            monitor=monitor or _VerboseMonitor(self.verbose, self.verbose_interval), **passes)
         self._set_params(family, result.params)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter

@@ -20,7 +20,7 @@ import numpy as np
 from dmix.engine.reduce import map_reduce
 from dmix.errors import ConvergenceWarning, DataError
 from dmix.families.base import Params, Stats
-from dmix.xp import get_namespace
+from dmix.xp import Workspace, get_namespace
 
 __all__ = ["EMResult", "Monitor", "apply_batched", "estep_pass", "fit_em", "run_em"]
 
@@ -98,9 +98,9 @@ def apply_batched(x, fn, family, params, n_components: int):
 def _estep_block(x, start, index, family, params, rows, source):
     """Per block on a worker: the family's E-step over sub-batches, summed."""
     xp = get_namespace(x)
-    stats = None
+    stats, workspace = None, Workspace()
     for lo in range(0, max(1, x.shape[0]), rows):
-        part = family.estep(params, x[lo : lo + rows], xp)
+        part = family.estep(params, x[lo : lo + rows], xp, workspace=workspace)
         stats = part if stats is None else family.combine(stats, part)
     if stats["n_nonfinite"]:
         raise nonfinite_error(x, start, index, source, int(stats["n_nonfinite"]))

@@ -34,6 +34,7 @@ import math
 import numpy as np
 
 from dmix.errors import IllConditionedError
+from dmix.xp import Workspace
 
 __all__ = ["COVARIANCE_TYPES", "get_covariance"]
 
@@ -96,6 +97,11 @@ def _check_positive(variances: np.ndarray, names) -> None:
         raise IllConditionedError(ILL_DEFINED.format(what=names(int(bad[0]))))
 
 
+def _squares(xc, xp, ws):
+    """``xc * xc`` in the workspace buffer ``"xsq"``."""
+    return xp.multiply(xc, xc, out=(ws or Workspace()).take("xsq", xc.shape, xp))
+
+
 def _component(i: int) -> str:
     return f"component {i}"
 
@@ -122,11 +128,14 @@ class _Covariance:
         """``log det U = -1/2 log det Sigma`` per component (K,), or a scalar when tied."""
         raise NotImplementedError
 
-    def mahalanobis(self, xc, means_c, prec_chol, xp):
-        """Squared Mahalanobis distances (n, K) of centred rows to centred means."""
+    def mahalanobis(self, xc, means_c, prec_chol, xp, ws: Workspace | None = None):
+        """Squared Mahalanobis distances (n, K) of centred rows to centred means.
+
+        Large temporaries go to the workspace ``ws``; the result may be one of its buffers.
+        """
         raise NotImplementedError
 
-    def second_moment(self, resp, xc, xp):
+    def second_moment(self, resp, xc, xp, ws: Workspace | None = None):
         """The additive second-order statistic of a block (shape in the module table)."""
         raise NotImplementedError
 
@@ -154,11 +163,17 @@ class _Covariance:
         """The covariances as a (K, D, D) array of full matrices."""
         raise NotImplementedError
 
-    def log_prob(self, xc, means_c, prec_chol, xp):
-        """``log N(x | mu_k, Sigma_k)`` per row and component, shape (n, K)."""
+    def log_prob(self, xc, means_c, prec_chol, xp, ws: Workspace | None = None):
+        """``log N(x | mu_k, Sigma_k)`` per row and component, shape (n, K).
+
+        ``-1/2 (D log 2 pi + maha) + log det U``, computed in place in the distance buffer.
+        """
         d = xc.shape[1]
-        log_det = xp.asarray(self.log_det(prec_chol, d))
-        return -0.5 * (d * _LOG_2PI + self.mahalanobis(xc, means_c, prec_chol, xp)) + log_det
+        out = self.mahalanobis(xc, means_c, prec_chol, xp, ws)
+        out += d * _LOG_2PI
+        out *= -0.5
+        out += xp.asarray(self.log_det(prec_chol, d))
+        return out
 
     def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
         """Bytes of E-step temporaries per row (for sizing sub-batches)."""
@@ -180,22 +195,29 @@ class Full(_Covariance):
     def log_det(self, prec_chol, n_features):
         return np.sum(np.log(np.diagonal(prec_chol, axis1=1, axis2=2)), axis=1)
 
-    def mahalanobis(self, xc, means_c, prec_chol, xp):
+    def mahalanobis(self, xc, means_c, prec_chol, xp, ws=None):
+        ws = ws or Workspace()
         n, d = xc.shape
         k = means_c.shape[0]
         u = xp.asarray(prec_chol)
         # One GEMM for all components: xc @ [U_1 | ... | U_K]  (n, K*D), then subtract mu_k U_k.
         u_stack = xp.reshape(xp.transpose(u, (1, 0, 2)), (d, k * d))
         shifted = xp.matmul(means_c[:, None, :], u)[:, 0, :]
-        y = xp.reshape(xc @ u_stack, (n, k, d)) - shifted
-        return xp.sum(y * y, axis=2)
+        y = ws.take("nkd", (n, k * d), xp)  # the n x K x D scratch, reused by second_moment
+        xp.matmul(xc, u_stack, out=y)
+        y = xp.reshape(y, (n, k, d))
+        y -= shifted
+        y *= y
+        return xp.sum(y, axis=2, out=ws.take("nk", (n, k), xp))
 
-    def second_moment(self, resp, xc, xp):
+    def second_moment(self, resp, xc, xp, ws=None):
+        ws = ws or Workspace()
         n, d = xc.shape
         k = resp.shape[1]
         # sum_i r_ik xc_i xc_i^T for all k as one GEMM: (r * xc)^T (K*D, n) @ xc (n, D).
-        z = xp.reshape(resp[:, :, None] * xc[:, None, :], (n, k * d))
-        return xp.reshape(z.T @ xc, (k, d, d))
+        z = ws.take("nkd", (n, k, d), xp)
+        xp.multiply(resp[:, :, None], xc[:, None, :], out=z)
+        return xp.reshape(xp.reshape(z, (n, k * d)).T @ xc, (k, d, d))
 
     def estimate(self, nk, b, s2, reg_covar):
         cov = s2 / nk[:, None, None] - b[:, :, None] * b[:, None, :]
@@ -232,13 +254,18 @@ class Tied(Full):
     def log_det(self, prec_chol, n_features):
         return float(np.sum(np.log(np.diagonal(prec_chol))))
 
-    def mahalanobis(self, xc, means_c, prec_chol, xp):
+    def mahalanobis(self, xc, means_c, prec_chol, xp, ws=None):
+        ws = ws or Workspace()
+        n, d = xc.shape
+        k = means_c.shape[0]
         u = xp.asarray(prec_chol)
         # Direct form ||U^T (x - mu_k)||^2 in whitened coordinates: no cancellation.
-        y = (xc @ u)[:, None, :] - (means_c @ u)[None, :, :]
-        return xp.sum(y * y, axis=2)
+        y = ws.take("nkd", (n, k, d), xp)
+        xp.subtract((xc @ u)[:, None, :], (means_c @ u)[None, :, :], out=y)
+        y *= y
+        return xp.sum(y, axis=2, out=ws.take("nk", (n, k), xp))
 
-    def second_moment(self, resp, xc, xp):
+    def second_moment(self, resp, xc, xp, ws=None):
         # sum_k sum_i r_ik xc_i xc_i^T = sum_i xc_i xc_i^T, since sum_k r_ik = 1.
         return xc.T @ xc
 
@@ -272,16 +299,21 @@ class Diag(_Covariance):
         """Per-component precision diagonals, shape (K, D)."""
         return np.broadcast_to(prec_chol**2, (n_components, n_features))
 
-    def mahalanobis(self, xc, means_c, prec_chol, xp):
-        k, d = means_c.shape
+    def mahalanobis(self, xc, means_c, prec_chol, xp, ws=None):
+        ws = ws or Workspace()
+        n, d = xc.shape
+        k = means_c.shape[0]
         p = xp.asarray(self._precision_rows(np.asarray(prec_chol), k, d))
         # Expansion sum_d p (x - mu)^2 = x^2 p - 2 x (mu p) + mu^2 p: two GEMMs. Safe on
         # centred data; clipped at 0 against rounding for rows on top of a mean.
-        maha = (xc * xc) @ p.T - 2.0 * (xc @ (means_c * p).T) + xp.sum(means_c * means_c * p, 1)
-        return xp.maximum(maha, 0.0)
+        maha = xp.matmul(_squares(xc, xp, ws), p.T, out=ws.take("nk", (n, k), xp))
+        cross = xp.matmul(xc, (-2.0 * means_c * p).T, out=ws.take("nk2", (n, k), xp))
+        maha += cross
+        maha += xp.sum(means_c * means_c * p, axis=1)
+        return xp.maximum(maha, 0.0, out=maha)
 
-    def second_moment(self, resp, xc, xp):
-        return resp.T @ (xc * xc)
+    def second_moment(self, resp, xc, xp, ws=None):
+        return resp.T @ _squares(xc, xp, ws)
 
     def estimate(self, nk, b, s2, reg_covar):
         return s2 / nk[:, None] - b * b + reg_covar
@@ -319,8 +351,8 @@ class Spherical(Diag):
     def _precision_rows(self, prec_chol, n_components, n_features):
         return np.broadcast_to(np.reshape(prec_chol**2, (-1, 1)), (n_components, n_features))
 
-    def second_moment(self, resp, xc, xp):
-        return resp.T @ xp.sum(xc * xc, axis=1)
+    def second_moment(self, resp, xc, xp, ws=None):
+        return resp.T @ xp.sum(_squares(xc, xp, ws), axis=1)
 
     def estimate(self, nk, b, s2, reg_covar):
         return (s2 / nk - np.sum(b * b, axis=1)) / b.shape[1] + reg_covar
@@ -342,8 +374,8 @@ class TiedDiag(Diag):
     def log_det(self, prec_chol, n_features):
         return float(np.sum(np.log(prec_chol)))
 
-    def second_moment(self, resp, xc, xp):
-        return xp.sum(xc * xc, axis=0)
+    def second_moment(self, resp, xc, xp, ws=None):
+        return xp.sum(_squares(xc, xp, ws), axis=0)
 
     def estimate(self, nk, b, s2, reg_covar):
         return (s2 - np.sum(nk[:, None] * b * b, axis=0)) / np.sum(nk) + reg_covar
@@ -365,8 +397,8 @@ class TiedSpherical(Spherical):
     def log_det(self, prec_chol, n_features):
         return float(n_features * np.log(prec_chol))
 
-    def second_moment(self, resp, xc, xp):
-        return xp.sum(xc * xc)
+    def second_moment(self, resp, xc, xp, ws=None):
+        return xp.sum(_squares(xc, xp, ws))
 
     def estimate(self, nk, b, s2, reg_covar):
         d = b.shape[1]

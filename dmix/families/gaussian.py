@@ -18,7 +18,6 @@ does, ``N_k`` carries ``10 * eps`` so an empty component does not divide by zero
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from dmix.families.base import Params, State, Stats, tree_add
 from dmix.families.covariance import get_covariance
-from dmix.xp import asarray_f64, logsumexp, to_host
+from dmix.xp import Workspace, asarray_f64, normalize_log, to_host
 
 __all__ = ["Gaussian"]
 
@@ -93,37 +92,32 @@ class Gaussian:
 
     # -- worker side ------------------------------------------------------------------------
 
-    def _weighted_log_prob(self, params: Params, xc, shift, xp):
-        """``log w_k + log N(x | mu_k, Sigma_k)``, shape (n, K), for centred rows ``xc``."""
-        means_c = xp.asarray(params["means"] - shift)
-        log_w = xp.asarray(np.log(params["weights"]))
-        return self.covariance.log_prob(xc, means_c, params["precisions_cholesky"], xp) + log_w
-
-    def _posterior(self, params: Params, x, xp):
-        """Centred rows, log-density per row and responsibilities of a block."""
+    def _weighted_log_prob(self, params: Params, x, xp, ws: Workspace):
+        """Centred rows ``x - c`` and ``log w_k + log N(x | mu_k, Sigma_k)`` (n, K) of a block."""
         shift = _shift(params)
-        xc = asarray_f64(x, xp) - xp.asarray(shift)
-        wlp = self._weighted_log_prob(params, xc, shift, xp)
-        log_norm = logsumexp(wlp, axis=1, xp=xp)
-        return xc, wlp, log_norm
+        xc = xp.subtract(x, xp.asarray(shift), out=ws.take("xc", x.shape, xp))
+        means_c = xp.asarray(params["means"] - shift)
+        wlp = self.covariance.log_prob(xc, means_c, params["precisions_cholesky"], xp, ws)
+        wlp += xp.asarray(np.log(params["weights"]))
+        return xc, wlp
 
-    def estep(self, params: Params, x, xp) -> Stats:
-        xc, wlp, log_norm = self._posterior(params, x, xp)
+    def estep(self, params: Params, x, xp, workspace: Workspace | None = None) -> Stats:
+        ws = workspace or Workspace()
+        xc, resp = self._weighted_log_prob(params, x, xp, ws)
+        log_norm = normalize_log(resp, resp, xp)  # resp now holds the responsibilities
         ok = xp.isfinite(log_norm)
-        n_bad = int(x.shape[0] - int(xp.sum(ok)))
+        n_bad = int(x.shape[0] - int(xp.count_nonzero(ok)))
         if n_bad:  # keep the sums finite; the engine reports the rows
-            xc = xp.where(ok[:, None], xc, 0.0)
+            xc[~ok] = 0.0
+            resp[~ok] = 0.0
             log_norm = xp.where(ok, log_norm, 0.0)
-            wlp = xp.where(ok[:, None], wlp, -xp.inf)
-        resp = xp.exp(wlp - log_norm[:, None])
-        s1 = resp.T @ xc
         return {
             "n": float(x.shape[0]),
             "loglik": float(xp.sum(log_norm)),
             "n_nonfinite": float(n_bad),
             "nk": to_host(xp.sum(resp, axis=0)),
-            "s1": to_host(s1),
-            "s2": to_host(self.covariance.second_moment(resp, xc, xp)),
+            "s1": to_host(resp.T @ xc),
+            "s2": to_host(self.covariance.second_moment(resp, xc, xp, ws)),
         }
 
     def combine(self, a: Stats, b: Stats) -> Stats:
@@ -133,11 +127,13 @@ class Gaussian:
         return self.covariance.temp_bytes_per_row(n_features, n_components)
 
     def log_density(self, params: Params, x, xp):
-        return self._posterior(params, x, xp)[2]
+        _, wlp = self._weighted_log_prob(params, x, xp, Workspace())
+        return normalize_log(wlp, wlp, xp)
 
     def predict_proba(self, params: Params, x, xp):
-        _, wlp, log_norm = self._posterior(params, x, xp)
-        return xp.exp(wlp - log_norm[:, None])
+        _, wlp = self._weighted_log_prob(params, x, xp, Workspace())
+        normalize_log(wlp, wlp, xp)
+        return wlp
 
     # -- driver side ------------------------------------------------------------------------
 
