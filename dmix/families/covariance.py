@@ -97,6 +97,12 @@ def _check_positive(variances: np.ndarray, names) -> None:
         raise IllConditionedError(ILL_DEFINED.format(what=names(int(bad[0]))))
 
 
+def _row_sq_norms(y, xp, ws):
+    """``sum_d y[:, :, d]^2`` (n, K) of an (n, K, D) array, in one sweep, into buffer ``"nk"``."""
+    n, k, _ = y.shape
+    return xp.einsum("nkd,nkd->nk", y, y, out=ws.take("nk", (n, k), xp))
+
+
 def _squares(xc, xp, ws):
     """``xc * xc`` in the workspace buffer ``"xsq"``."""
     return xp.multiply(xc, xc, out=(ws or Workspace()).take("xsq", xc.shape, xp))
@@ -200,24 +206,29 @@ class Full(_Covariance):
         n, d = xc.shape
         k = means_c.shape[0]
         u = xp.asarray(prec_chol)
-        # One GEMM for all components: xc @ [U_1 | ... | U_K]  (n, K*D), then subtract mu_k U_k.
-        u_stack = xp.reshape(xp.transpose(u, (1, 0, 2)), (d, k * d))
-        shifted = xp.matmul(means_c[:, None, :], u)[:, 0, :]
-        y = ws.take("nkd", (n, k * d), xp)  # the n x K x D scratch, reused by second_moment
-        xp.matmul(xc, u_stack, out=y)
-        y = xp.reshape(y, (n, k, d))
-        y -= shifted
-        y *= y
-        return xp.sum(y, axis=2, out=ws.take("nk", (n, k), xp))
+        # One GEMM for all components: [xc | 1] @ [[U_1 ... U_K], [-mu_1 U_1 ... -mu_K U_K]]
+        # gives y_k = (x - mu_k) U_k for every k as an (n, K*D) block (the 1-column folds the
+        # subtraction of mu_k U_k into the product).
+        rhs = xp.empty((d + 1, k * d))
+        rhs[:d] = xp.reshape(xp.transpose(u, (1, 0, 2)), (d, k * d))
+        rhs[d] = -xp.reshape(xp.matmul(means_c[:, None, :], u), (k * d,))
+        lhs = ws.take("x1", (n, d + 1), xp)
+        lhs[:, :d] = xc
+        lhs[:, d] = 1.0
+        y = ws.take("nkd", (n, k, d), xp)  # the n x K x D scratch, reused by second_moment
+        xp.matmul(lhs, rhs, out=xp.reshape(y, (n, k * d)))
+        return _row_sq_norms(y, xp, ws)
 
     def second_moment(self, resp, xc, xp, ws=None):
         ws = ws or Workspace()
         n, d = xc.shape
         k = resp.shape[1]
-        # sum_i r_ik xc_i xc_i^T for all k as one GEMM: (r * xc)^T (K*D, n) @ xc (n, D).
+        # sum_i r_ik xc_i xc_i^T for all k as one GEMM: xc^T (D, n) @ (r * xc) (n, K*D) gives
+        # (D, K, D) with entry [a, k, b] = S2_k[a, b].
         z = ws.take("nkd", (n, k, d), xp)
         xp.multiply(resp[:, :, None], xc[:, None, :], out=z)
-        return xp.reshape(xp.reshape(z, (n, k * d)).T @ xc, (k, d, d))
+        s2 = xp.reshape(xc.T @ xp.reshape(z, (n, k * d)), (d, k, d))
+        return xp.transpose(s2, (1, 0, 2))
 
     def estimate(self, nk, b, s2, reg_covar):
         cov = s2 / nk[:, None, None] - b[:, :, None] * b[:, None, :]
@@ -262,8 +273,7 @@ class Tied(Full):
         # Direct form ||U^T (x - mu_k)||^2 in whitened coordinates: no cancellation.
         y = ws.take("nkd", (n, k, d), xp)
         xp.subtract((xc @ u)[:, None, :], (means_c @ u)[None, :, :], out=y)
-        y *= y
-        return xp.sum(y, axis=2, out=ws.take("nk", (n, k), xp))
+        return _row_sq_norms(y, xp, ws)
 
     def second_moment(self, resp, xc, xp, ws=None):
         # sum_k sum_i r_ik xc_i xc_i^T = sum_i xc_i xc_i^T, since sum_k r_ik = 1.
