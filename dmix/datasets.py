@@ -116,7 +116,8 @@ def mixture_params(
     d = _check_int("n_features", n_features, 1)
     k = _check_int("n_components", n_components, 1)
     seed = _check_seed(seed)
-    if not (isinstance(separation, numbers.Real) and math.isfinite(separation) and separation > 0):
+    if not (isinstance(separation, numbers.Real) and math.isfinite(separation)
+            and separation > 0):
         raise InvalidParameterError(
             f"separation must be a finite float > 0. Got {separation!r} instead."
         )

@@ -52,6 +52,12 @@ class _ParamsMixin:
             setattr(self, key, value)
         return self
 
+    def __sklearn_tags__(self):
+        """Tags for scikit-learn's model selection tools (imported lazily: optional)."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type="density_estimator", target_tags=TargetTags(required=False))
+
     def __repr__(self) -> str:
         defaults = {
             p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
@@ -379,10 +385,11 @@ default='full'
         family = self._family
         fn = getattr(family, method)
         if source.local is not None:
-            return apply_batched(source.local, fn, family, self._params, self.n_components)
-        return map_blocks(source.array, apply_batched, fn, family, self._params,
-                          self.n_components, out_columns=out_columns, dtype=np.float64,
-                          label=method.replace("_", ""))
+            return apply_batched(source.local, fn, family, self._params, self.n_components,
+                                 source=source.description)
+        return map_blocks(source.array, _apply_batched, fn, family, self._params,
+                          self.n_components, source.description, out_columns=out_columns,
+                          dtype=np.float64, label=method.replace("_", ""))
 
     def score_samples(self, X):
         """Log-likelihood of each row, shape (n_samples,)."""
@@ -430,3 +437,8 @@ default='full'
                 "one sample.")
         rng = np.random.default_rng(seed_sequence_int(self.random_state))
         return self._family.sample(self._params, int(n_samples), rng)
+
+
+def _apply_batched(x, fn, family, params, n_components, source, *, start, index):
+    return apply_batched(x, fn, family, params, n_components, start=start, index=index,
+                         source=source)

@@ -43,7 +43,9 @@ Class attributes a subclass may override:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import pickle
 
 import numpy as np
@@ -63,14 +65,19 @@ __all__ = [
 ]
 
 #: Hypothesis settings of the property tests: few examples (each is a handful of E-steps),
-#: reproducible (no example database, fixed seed), and fixtures reused across examples on
-#: purpose (they are read-only).
+#: reproducible (no example database, fixed seed), fixtures reused across examples on purpose
+#: (they are read-only), and the same test methods run by several subclasses (one per family
+#: or covariance type: "differing executors", harmless without an example database).
 PROPERTY_SETTINGS = settings(
     max_examples=15,
     deadline=None,
     derandomize=True,
     database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.differing_executors,
+    ],
 )
 
 
@@ -259,6 +266,28 @@ class FamilyTests:
         assert float(empty["n"]) == 0.0
         assert_stats_allclose(family.combine(whole, empty), whole, 0.0)
         assert_stats_allclose(family.combine(empty, whole), whole, 0.0)
+
+    def test_workspace_reuse(self, family, params, data):
+        """One scratch ``workspace`` reused over pieces of different sizes (as the engine does
+        over the sub-batches of a block) gives the statistics of fresh calls, and statistics
+        already returned are not overwritten by later calls."""
+        if "workspace" not in inspect.signature(family.estep).parameters:
+            pytest.skip("estep takes no workspace")
+        from dmix.xp import Workspace
+
+        n = data.shape[0]
+        pieces = split_rows(data, [n // 2, n // 2 + 1, n // 2 + 4])  # big, 1 row, 3 rows, rest
+        ws = Workspace()
+        reused, frozen = [], []
+        for piece in pieces:
+            reused.append(family.estep(params, piece, np, workspace=ws))
+            frozen.append(copy.deepcopy(reused[-1]))
+        again = [family.estep(params, piece, np, workspace=ws) for piece in reversed(pieces)]
+        for piece, stats, kept in zip(pieces, reused, frozen):
+            assert_stats_allclose(stats, kept, 0.0)  # not views into the workspace
+            assert_stats_allclose(stats, family.estep(params, piece, np), self.rtol)
+        for piece, stats in zip(reversed(pieces), again):
+            assert_stats_allclose(stats, family.estep(params, piece, np), self.rtol)
 
     # 2. combine is associative and commutative --------------------------------------------
 

@@ -87,8 +87,7 @@ def _check_finite(x, start: int, index: int, source: str) -> None:
         raise DataError(
             f"Input X contains NaN or infinity: chunk {index} (rows {start}-"
             f"{start + x.shape[0] - 1}) of {source} has {bad.size} row(s) with non-finite "
-            f"values, the first at row {start + int(bad[0])}. Remove or impute those rows "
-            "before fitting."
+            f"values, the first at row {start + int(bad[0])}. Remove or impute those rows."
         )
 
 
@@ -292,11 +291,9 @@ def _random_stats_block(x, start, index, family, k, shift, seed, stream):
     return family.stats_from_resp(resp, x, shift, np)
 
 
-def _seed_params(family, seeds, n, shift):
+def _seed_params(family, seeds, n):
     """scikit-learn's init from seed rows: each seed alone has responsibility 1 for its component."""
-    stats = family.stats_from_resp(np.eye(len(seeds)), seeds, shift, np)
-    stats["n"] = float(n)
-    return family.params_from_stats(stats, shift)
+    return family.params_from_points(seeds, n)
 
 
 def initial_params(family, data, n_components: int, method: str, *, seed: int, restart: int = 0,
@@ -320,9 +317,9 @@ def initial_params(family, data, n_components: int, method: str, *, seed: int, r
     if method == "k-means++":
         seeds = plusplus_seeds(data, n_components, seed=seed, restart=restart, summary=summary,
                                **passes)
-        return _seed_params(family, seeds, n, shift)
+        return _seed_params(family, seeds, n)
     if method == "random_from_data":
-        return _seed_params(family, summary[3][:n_components], n, shift)
+        return _seed_params(family, summary[3][:n_components], n)
     raise ValueError(
         f"Unknown init method {method!r}; valid options are 'kmeans', 'k-means++', 'random', "
         "'random_from_data'."

@@ -78,7 +78,7 @@ def nonfinite_error(x, start: int, index: int, source: str, n_bad: int) -> DataE
         return DataError(
             f"Input X contains NaN or infinity: {span} of {source} has {bad_rows.size} "
             f"row(s) with non-finite values, the first at row {start + int(bad_rows[0])}. "
-            "Remove or impute those rows before fitting."
+            "Remove or impute those rows."
         )
     return DataError(
         f"{span} of {source} has {n_bad} row(s) whose log-density is not finite although "
@@ -86,13 +86,21 @@ def nonfinite_error(x, start: int, index: int, source: str, n_bad: int) -> DataE
     )
 
 
-def apply_batched(x, fn, family, params, n_components: int):
-    """``fn(params, x_batch, xp)`` over sub-batches of ``x``, concatenated along rows."""
+def apply_batched(x, fn, family, params, n_components: int, *, start: int = 0, index: int = 0,
+                  source: str = "the input"):
+    """``fn(params, x_batch, xp)`` over sub-batches of ``x``, concatenated along rows.
+
+    Raises :class:`~dmix.errors.DataError` naming the chunk and rows if a result is not finite.
+    """
     xp = get_namespace(x)
     rows = batch_rows(family, x.shape[1], n_components)
-    if x.shape[0] <= rows:
-        return fn(params, x, xp)
-    return xp.concatenate([fn(params, x[lo : lo + rows], xp) for lo in range(0, x.shape[0], rows)])
+    out = [fn(params, x[lo : lo + rows], xp) for lo in range(0, max(1, x.shape[0]), rows)]
+    out = out[0] if len(out) == 1 else xp.concatenate(out)
+    finite = xp.isfinite(out) if out.ndim == 1 else xp.all(xp.isfinite(out), axis=1)
+    n_bad = int(out.shape[0] - int(xp.count_nonzero(finite)))
+    if n_bad:
+        raise nonfinite_error(x, start, index, source, n_bad)
+    return out
 
 
 def _estep_block(x, start, index, family, params, rows, source):

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 import os
 import uuid
 
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 DEFAULT_SPLIT_EVERY = 16
+_LOCAL_SCHEDULERS = {"sync", "synchronous", "single-threaded", "threads", "threading",
+                     "processes", "multiprocessing"}
 _calls = itertools.count()
 
 
@@ -46,15 +49,21 @@ def _combine_many(combine, *parts):
 
 def tree_depth(n_blocks: int, split_every: int) -> int:
     """Levels of combine tasks above ``n_blocks`` leaves with fan-in ``split_every``."""
-    return 0 if n_blocks <= 1 else math.ceil(math.log(n_blocks) / math.log(split_every) - 1e-12)
+    depth = 0
+    while n_blocks > 1:
+        n_blocks = -(-n_blocks // split_every)
+        depth += 1
+    return depth
 
 
 def _check_split_every(split_every) -> int:
     if split_every is None:
         return DEFAULT_SPLIT_EVERY
-    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+    if isinstance(split_every, bool) or not isinstance(split_every, numbers.Integral) or (
+        split_every < 2
+    ):
         raise ValueError(f"split_every must be an int >= 2. Got {split_every!r} instead.")
-    return split_every
+    return int(split_every)
 
 
 def map_reduce(
@@ -110,7 +119,8 @@ def _span(*tags):
 
 
 def map_blocks(data: da.Array, block_fn, *args, out_columns: int | None, dtype, label: str):
-    """Lazily apply ``block_fn(block, *args)`` per row block: (n, out_columns), or (n,) if None."""
+    """Lazily apply ``block_fn(block, *args, start=first_row, index=block_index)`` per row
+    block; the result is (n, out_columns), or (n,) if ``out_columns`` is None."""
     shared = dask.delayed(args, name=f"dmix-params-{next(_calls)}-{uuid.uuid4().hex[:8]}",
                           traverse=False)
     if out_columns is None:
@@ -124,8 +134,11 @@ def map_blocks(data: da.Array, block_fn, *args, out_columns: int | None, dtype, 
     )
 
 
-def _apply(block, block_fn, args):
-    return block_fn(block, *args)
+def _apply(block, block_fn, args, block_info=None):
+    location = block_info[0] if block_info else {}
+    start = location.get("array-location", [(0, 0)])[0][0]
+    index = location.get("chunk-location", (0,))[0]
+    return block_fn(block, *args, start=start, index=index)
 
 
 def _available_memory(client) -> float:
@@ -147,7 +160,7 @@ def resolve_client(client=None):
     a local scheduler (``"sync"``, ``"threads"``, ``"processes"``) is configured, else None."""
     if client is not None:
         return client
-    if dask.config.get("scheduler", None) is not None:
+    if dask.config.get("scheduler", None) in _LOCAL_SCHEDULERS:
         return None
     try:
         from distributed import default_client

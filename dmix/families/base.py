@@ -41,8 +41,12 @@ class Family(Protocol):
 
     name: ClassVar[str]
 
-    def estep(self, params: Params, x, xp) -> Stats:
-        """Statistics of one block ``x`` (n, D) at ``params``. Pure; runs on a worker."""
+    def estep(self, params: Params, x, xp, workspace=None) -> Stats:
+        """Statistics of one block ``x`` (n, D) at ``params``. Pure; runs on a worker.
+
+        ``workspace`` (a :class:`dmix.xp.Workspace`) holds scratch buffers that the engine
+        reuses across the sub-batches of a block; a family may ignore it.
+        """
 
     def combine(self, a: Stats, b: Stats) -> Stats:
         """Merge two statistics; associative and commutative."""

@@ -165,6 +165,24 @@ class Gaussian:
             "precisions_cholesky": self.covariance.precision_cholesky(covariances),
         }
 
+    def params_from_points(self, points: np.ndarray, n_samples: int) -> Params:
+        """Initial parameters where each row of ``points`` alone has responsibility 1 for its
+        component (scikit-learn's ``k-means++`` and ``random_from_data`` inits).
+
+        The means are the points, each covariance is ``reg_covar`` (one point has no scatter),
+        and the weights are ``(1 + 10 eps) / n_samples``, unnormalised as in scikit-learn.
+        """
+        k, d = points.shape
+        nk = np.full(k, 1.0 + _EPS10)
+        zero_s2 = self.covariance.second_moment(np.zeros((1, k)), np.zeros((1, d)), np)
+        covariances = self.covariance.estimate(nk, np.zeros((k, d)), zero_s2, self.reg_covar)
+        return {
+            "weights": nk / n_samples,
+            "means": np.array(points, dtype=np.float64),
+            "covariances": covariances,
+            "precisions_cholesky": self.covariance.precision_cholesky(covariances),
+        }
+
     def stats_from_resp(self, resp, x, shift, xp) -> Stats:
         """Statistics of a block for given responsibilities ``resp`` (n, K), about ``shift``."""
         xc = asarray_f64(x, xp) - xp.asarray(shift)

@@ -35,6 +35,7 @@ __all__ = [
     "MODEL_SCHEMA",
     "block_ranges",
     "check_alignment",
+    "check_model_target",
     "check_target",
     "create_group",
     "load_model",
@@ -70,7 +71,7 @@ def _node_kind(path: str, storage_options: dict | None) -> str:
 
 def check_target(path: str, overwrite: bool, storage_options: dict | None,
                  what: str, replaceable: Callable[[str], bool] | None = None) -> None:
-    """Refuse to write ``what`` over existing data unless ``overwrite``; never over non-Zarr data.
+    """Refuse to write ``what`` over existing data unless ``overwrite``; never over other data.
 
     Parameters
     ----------
@@ -276,8 +277,8 @@ def write_blocks(
         shard_rows = _row_count("shards", shards)
         if shard_rows % chunk_rows:
             raise InvalidParameterError(
-                f"shards must be a multiple of chunk_size: {shard_rows} rows per shard is not a "
-                f"multiple of {chunk_rows} rows per chunk."
+                f"shards must be a multiple of chunk_size: {shard_rows} rows per shard is not "
+                f"a multiple of {chunk_rows} rows per chunk."
             )
         unit, shard_shape = shard_rows, (shard_rows, n_features)
     if block_rows is None:
@@ -287,9 +288,9 @@ def write_blocks(
     if block_rows % unit:
         stored = "shard" if shard_shape else "chunk"
         raise InvalidParameterError(
-            f"block_rows={block_rows} is not a multiple of the {unit} rows of a stored {stored}: "
-            f"writes would cover part of a {stored}, and in Zarr 3 writes that share a shard "
-            f"can silently lose data. Use a multiple of {unit}."
+            f"block_rows={block_rows} is not a multiple of the {unit} rows of a stored "
+            f"{stored}: writes would cover part of a {stored}, and in Zarr 3 writes that share "
+            f"a shard can silently lose data. Use a multiple of {unit}."
         )
 
     spec = dict(shape=(n_samples, n_features), chunks=(chunk_rows, n_features),
@@ -409,7 +410,8 @@ def _jsonable(value, where: str):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise InvalidParameterError(f"Attribute keys must be strings; {where} has {k!r}.")
+                raise InvalidParameterError(
+                    f"Attribute keys must be strings; {where} has {k!r}.")
             out[k] = _jsonable(v, f"{where}[{k!r}]")
         return out
     if isinstance(value, list | tuple):
@@ -425,6 +427,20 @@ def _is_model(path: str, storage_options: dict | None) -> bool:
     except (FileNotFoundError, zarr.errors.BaseZarrError):
         return False
     return group.attrs.get("schema") == MODEL_SCHEMA
+
+
+def check_model_target(path, overwrite: bool = False,
+                       storage_options: dict | None = None) -> None:
+    """Check that :func:`save_model` may write to ``path``, before spending time on a fit.
+
+    Raises
+    ------
+    DataError
+        If something is at ``path`` and ``overwrite`` is false, or if it is not a dmix model.
+    """
+    path = os.fspath(path)
+    check_target(path, overwrite, storage_options, "a dmix model",
+                 replaceable=lambda kind: _is_model(path, storage_options))
 
 
 def save_model(
@@ -470,9 +486,8 @@ def save_model(
     family = _jsonable(dict(family_spec), "family_spec")
     from dmix import __version__
 
-    group = create_group(path, overwrite=overwrite, storage_options=storage_options,
-                         what="a dmix model",
-                         replaceable=lambda kind: _is_model(path, storage_options))
+    check_model_target(path, overwrite, storage_options)
+    group = zarr.open_group(store=path, mode="w", storage_options=storage_options)
     write_params(group, _PARAMS, params)
     group.attrs.update({"family": family, "dmix_version": __version__, **meta})
     group.attrs["schema"] = MODEL_SCHEMA  # last: marks the model complete

@@ -1,0 +1,546 @@
+"""The ``dmix`` command: make data, fit, inspect, and a quickstart that does all three.
+
+::
+
+    dmix make-data OUT.zarr --n-samples N --n-features D --n-components K --seed S \
+        --chunk-size C
+    dmix fit DATA.zarr --n-components K --covariance-type full [--scheduler ADDRESS] \
+        [--output MODEL_DIR]
+    dmix info MODEL_DIR
+    dmix quickstart [--n-samples 200000 --n-features 8 --n-components 4 --out DIR]
+
+``fit`` and ``quickstart`` start a ``distributed.LocalCluster`` in process (one single-threaded
+worker process per core) unless ``--scheduler`` names a running scheduler, and print the
+address of the Dask dashboard. Usage errors exit with status 2 (argparse); errors in the data,
+the options or the files exit with status 1 and one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from dmix import __version__
+from dmix.datasets import make_mixture, match_components
+from dmix.engine.loop import Monitor
+from dmix.errors import DmixError
+from dmix.estimators import GaussianMixture
+from dmix.families.base import family_spec
+from dmix.families.covariance import COVARIANCE_TYPES
+from dmix.families.gaussian import Gaussian
+from dmix.io.source import as_source
+from dmix.io.store import (
+    check_model_target,
+    create_group,
+    load_model,
+    save_model,
+    write_blocks,
+    write_params,
+)
+from dmix.rng import seed_sequence_int
+
+__all__ = ["ProgressMonitor", "build_parser", "main"]
+
+_DEFAULT_DASHBOARD = ":8787"
+
+
+# -- argument types --------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _say(*args, **kwargs) -> None:
+    print(*args, **kwargs, flush=True)
+
+
+def _fmt_vector(v, digits: int = 4, limit: int = 8) -> str:
+    v = np.asarray(v, dtype=np.float64).ravel()
+    shown = " ".join(f"{x:.{digits}f}" for x in v[:limit])
+    return f"[{shown}{' ...' if v.size > limit else ''}]"
+
+
+def _nbytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+# -- EM progress -----------------------------------------------------------------------------
+
+
+class ProgressMonitor(Monitor):
+    """Prints one line per EM iteration: number, mean log-likelihood per row, change, seconds.
+
+    Parameters
+    ----------
+    n_init : int, default=1
+        Number of initialisations (a heading is printed per initialisation when more than 1).
+    init_params : str, optional
+        Name of the initialisation method, for the heading.
+    file : file-like, optional
+        Where to print; default ``sys.stdout`` (looked up at each call).
+    """
+
+    def __init__(self, n_init: int = 1, init_params: str | None = None, file=None):
+        self.n_init = n_init
+        self.init_params = init_params
+        self.file = file
+        self._header = False
+
+    def _print(self, text: str) -> None:
+        _say(text, file=self.file or sys.stdout)
+
+    def begin_init(self, init: int) -> None:
+        how = f" ({self.init_params})" if self.init_params else ""
+        self._print(f"Initialization {init + 1}/{self.n_init}{how}...")
+        self._header = False
+
+    def end_iteration(self, record) -> None:
+        if not self._header:
+            self._print(f"{'iter':>6}  {'log-likelihood':>16}  {'change':>11}  {'seconds':>8}")
+            self._header = True
+        self._print(f"{record.iteration:>6d}  {record.lower_bound:>16.6f}  "
+                    f"{record.change:>11.3e}  {record.seconds:>8.3f}")
+
+    def end_init(self, init: int, result, seconds: float) -> None:
+        state = "converged" if result.converged else "did not converge"
+        self._print(f"Initialization {init + 1}/{self.n_init} {state} after {result.n_iter} "
+                    f"iterations ({seconds:.2f} s): lower bound {result.lower_bound:.6f}")
+
+
+# -- the cluster -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address: str):
+    """A ``distributed.Client``: to ``scheduler`` if given, else to a new in-process cluster."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler)  # timeout: distributed.comm.timeouts.connect
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise DmixError(
+                f"Could not connect to the Dask scheduler at {scheduler!r}: {exc}"
+            ) from None
+        with client:
+            n = len(client.scheduler_info().get("workers", {}))
+            _say(f"Connected to the Dask scheduler at {scheduler} ({n} workers)")
+            _say(f"Dask dashboard: {client.dashboard_link}")
+            yield client
+        return
+    n_workers = n_workers or _cpu_count()
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                           dashboard_address=dashboard_address)
+    with cluster, Client(cluster) as client:
+        _say(f"Started a local Dask cluster: {n_workers} worker process(es) x 1 thread")
+        _say(f"Dask dashboard: {client.dashboard_link}")
+        yield client
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a running Dask scheduler (e.g. tcp://host:8786); default: "
+                        "start a local cluster in this process")
+    g.add_argument("--n-workers", type=_positive_int, metavar="N",
+                   help="worker processes of the local cluster (default: one per core)")
+    g.add_argument("--dashboard-address", default=_DEFAULT_DASHBOARD, metavar="ADDR",
+                   help="where the local cluster serves its dashboard (default %(default)s; "
+                        "':0' picks a free port)")
+
+
+# -- make-data -------------------------------------------------------------------------------
+
+
+def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | None,
+                   overwrite: bool, threads: int):
+    """Write ``dataset`` to the group ``out``: array ``X`` block by block, group ``truth``."""
+    d = dataset.n_features
+    if chunk_size is None:  # about 16 MiB per chunk, at most all rows
+        chunk_size = max(1, min(dataset.n_samples, 16 * 2**20 // (d * dataset.dtype.itemsize)))
+    group = create_group(out, overwrite=overwrite, what="a dataset")
+    tic = time.perf_counter()
+    x = write_blocks(group, dataset.n_samples, d, dataset.rows, chunk_size, dataset.dtype,
+                     shard_size, name="X", max_workers=threads)
+    seconds = time.perf_counter() - tic
+    write_params(group, "truth", dataset.params)
+    group.attrs["dmix_dataset"] = {
+        "generator": "dmix.datasets.make_mixture",
+        "n_samples": dataset.n_samples,
+        "n_features": d,
+        "n_components": dataset.n_components,
+        "seed": dataset.seed,
+        "dtype": dataset.dtype.name,
+    }
+    n_chunks = -(-dataset.n_samples // chunk_size)
+    shards = f", shards of {shard_size} rows" if shard_size else ""
+    _say(f"Wrote {out}")
+    _say(f"  X      shape {x.shape}, {dataset.dtype.name}, {n_chunks} chunk(s) of {chunk_size} "
+         f"rows{shards}; {_nbytes(x.nbytes)} in {seconds:.2f} s")
+    _say(f"  truth  weights ({dataset.n_components},), means ({dataset.n_components}, {d}), "
+         f"covariances ({dataset.n_components}, {d}, {d}); seed {dataset.seed}")
+    return x
+
+
+def _cmd_make_data(args) -> int:
+    dataset = make_mixture(args.n_samples, args.n_features, args.n_components, args.seed,
+                           dtype=args.dtype, separation=args.separation)
+    _write_dataset(args.out, dataset, args.chunk_size, args.shard_size, args.overwrite,
+                   args.threads)
+    return 0
+
+
+# -- fit -------------------------------------------------------------------------------------
+
+
+def _estimator(args, client):
+    if args.seed is None:  # draw one here, so that it is printed and saved with the model
+        args.seed = seed_sequence_int(None) % 2**32
+        _say(f"Seed: {args.seed} (pass --seed {args.seed} to repeat this fit)")
+    return GaussianMixture(
+        n_components=args.n_components, covariance_type=args.covariance_type, tol=args.tol,
+        reg_covar=args.reg_covar, max_iter=args.max_iter, n_init=args.n_init,
+        init_params=args.init_params, random_state=args.seed, chunk_size=args.chunk_size,
+        client=client, split_every=args.split_every,
+    )
+
+
+def _fit(est, data) -> None:
+    """Fit with the progress monitor; warnings (non-convergence) become one line on stderr."""
+    monitor = ProgressMonitor(est.n_init, est.init_params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est.fit(data, monitor=monitor)
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning | PendingDeprecationWarning):
+            continue
+        _say(f"dmix: warning: {w.message}", file=sys.stderr)
+
+
+def _model_contents(est, source, data: str) -> tuple[dict, dict, dict]:
+    """Family spec, params and attributes of a fitted estimator, for ``save_model``."""
+    family = Gaussian(covariance_type=est.covariance_type, reg_covar=float(est.reg_covar))
+    params = {
+        "weights": est.weights_,
+        "means": est.means_,
+        "covariances": est.covariances_,
+        "precisions_cholesky": est.precisions_cholesky_,
+    }
+    options = {k: est.get_params()[k] for k in (
+        "n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init",
+        "init_params", "random_state", "chunk_size", "split_every")}
+    attrs = {
+        "estimator": type(est).__name__,
+        "fit_options": options,
+        "data": {"source": data, "description": source.description,
+                 "shape": list(source.shape), "dtype": np.dtype(source.dtype).name},
+        "lower_bound_": est.lower_bound_,
+        "lower_bounds_": est.lower_bounds_,
+        "n_iter_": est.n_iter_,
+        "converged_": est.converged_,
+        "n_features_in_": est.n_features_in_,
+        "fit_seconds_": getattr(est, "fit_seconds_", None),
+    }
+    return family_spec(family), params, attrs
+
+
+def _print_result(est) -> None:
+    state = "yes" if est.converged_ else "no"
+    _say(f"Converged: {state} (n_iter = {est.n_iter_})")
+    _say(f"Lower bound (mean log-likelihood per row): {est.lower_bound_:.6f}")
+    _say(f"Weights: {_fmt_vector(est.weights_, limit=16)}")
+
+
+def _data_summary(source) -> str:
+    rows = source.array.chunks[0]
+    return (f"Data: {source.description}: {source.shape[0]} rows x {source.shape[1]} features, "
+            f"{np.dtype(source.dtype).name}, {len(rows)} block(s) of up to {max(rows)} rows")
+
+
+def _cmd_fit(args) -> int:
+    data = args.data if not args.array else f"{args.data.rstrip('/')}/{args.array}"
+    source = as_source(data, chunk_size=args.chunk_size)
+    if args.output:  # before the fit, not after: a fit can take hours
+        check_model_target(args.output, args.overwrite)
+    _say(_data_summary(source))
+    with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+        est = _estimator(args, client)
+        _fit(est, data)
+    _print_result(est)
+    if args.output:
+        family, params, attrs = _model_contents(est, source, data)
+        save_model(args.output, family, params, attrs, overwrite=args.overwrite)
+        _say(f"Saved the model to {args.output}")
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+def _cmd_info(args) -> int:
+    family, params, attrs = load_model(args.model)
+    weights = np.asarray(params.get("weights", []))
+    means = np.asarray(params.get("means", np.empty((0, 0))))
+    k = weights.shape[0]
+    d = means.shape[1] if means.ndim == 2 else attrs.get("n_features_in_")
+    lines = [
+        ("family", family.get("name")),
+        *((key.replace("_", " "), value) for key, value in family.items() if key != "name"),
+        ("n_components", k),
+        ("n_features", d),
+        ("n_iter", attrs.get("n_iter_")),
+        ("converged", attrs.get("converged_")),
+    ]
+    lower = attrs.get("lower_bound_")
+    if lower is not None:
+        lines.append(("lower bound", f"{lower:.6f} (mean log-likelihood per row)"))
+    data = attrs.get("data") or {}
+    if data:
+        lines.append(("fitted on", f"{data.get('source')} {tuple(data.get('shape', ()))} "
+                                   f"{data.get('dtype', '')}".rstrip()))
+    lines.append(("dmix version", attrs.get("dmix_version")))
+    _say(f"Model: {args.model}")
+    for key, value in lines:
+        _say(f"  {key:<16} {value}")
+    if k:
+        shown = min(d or 0, 6)
+        cols = f"first {shown} of {d} features" if (d or 0) > shown else f"{d} features"
+        _say(f"Components (weight, ||mean||, mean: {cols}):")
+        order = np.argsort(-weights)
+        for j in order:
+            mean = means[j] if means.ndim == 2 else np.empty(0)
+            _say(f"  {j:>3}  {weights[j]:.4f}  {np.linalg.norm(mean):>10.4f}  "
+                 f"{_fmt_vector(mean, limit=6)}")
+    return 0
+
+
+# -- quickstart ------------------------------------------------------------------------------
+
+
+def _compare_with_truth(est, truth: dict) -> None:
+    order = match_components(truth["means"], est.means_)
+    w_err = np.abs(est.weights_[order] - truth["weights"])
+    m_err = np.linalg.norm(est.means_[order] - truth["means"], axis=1)
+    _say("Fitted vs true components (matched by means):")
+    _say(f"  {'k':>3}  {'true weight':>11}  {'fitted':>8}  {'||mean error||':>14}  "
+         f"{'||true mean||':>13}")
+    for j, f in enumerate(order):
+        _say(f"  {j:>3}  {truth['weights'][j]:>11.4f}  {est.weights_[f]:>8.4f}  "
+             f"{m_err[j]:>14.4f}  {np.linalg.norm(truth['means'][j]):>13.4f}")
+    _say(f"Max |weight error| = {w_err.max():.4f}; max ||mean error|| = {m_err.max():.4f}")
+    if est.covariance_type == "full":
+        c_err = np.abs(est.covariances_[order] - truth["covariances"]).max()
+        _say(f"Max |covariance error| = {c_err:.4f}")
+
+
+def _cmd_quickstart(args) -> int:
+    tic = time.perf_counter()
+    dataset = make_mixture(args.n_samples, args.n_features, args.n_components, args.seed,
+                           dtype=args.dtype, separation=args.separation)
+    with contextlib.ExitStack() as stack:
+        if args.out is None:
+            root = stack.enter_context(tempfile.TemporaryDirectory(prefix="dmix-quickstart-"))
+        else:
+            root = args.out
+            os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, "data.zarr")
+        # Eight stored chunks, one block each, so that every worker has work to show.
+        args.chunk_size = args.chunk_size or max(1, -(-args.n_samples // 8))
+        _write_dataset(path, dataset, args.chunk_size, None, True, min(4, _cpu_count()))
+        source = as_source(path, chunk_size=args.chunk_size)
+        _say(_data_summary(source))
+        with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+            est = _estimator(args, client)
+            _fit(est, path)
+            dashboard = client.dashboard_link
+        _print_result(est)
+        _compare_with_truth(est, dataset.params)
+        if args.out is None:
+            _say("(The data were in a temporary directory, now removed; pass --out DIR to "
+                 "keep them.)")
+    _say(f"Quickstart done in {time.perf_counter() - tic:.1f} s. The Dask dashboard was at "
+         f"{dashboard}")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool) -> None:
+    g = p.add_argument_group("model")
+    if n_components_required:
+        g.add_argument("--n-components", "-k", type=_positive_int, required=True, metavar="K",
+                       help="number of mixture components")
+    g.add_argument("--covariance-type", default="full",
+                   choices=[*COVARIANCE_TYPES, "tied_full"], metavar="TYPE",
+                   help="one of %(choices)s (default %(default)s)")
+    g.add_argument("--max-iter", type=_non_negative_int, default=100, metavar="N",
+                   help="EM iterations per initialisation (default %(default)s)")
+    g.add_argument("--tol", type=_non_negative_float, default=1e-3,
+                   help="stop when the mean log-likelihood changes by less "
+                        "(default %(default)s)")
+    g.add_argument("--reg-covar", type=_non_negative_float, default=1e-6, metavar="EPS",
+                   help="added to the covariance diagonals (default %(default)s)")
+    g.add_argument("--init-params", default="kmeans", metavar="METHOD",
+                   choices=["kmeans", "k-means++", "random", "random_from_data"],
+                   help="one of %(choices)s (default %(default)s)")
+    g.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
+                   help="initialisations; the best is kept (default %(default)s)")
+    g.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
+                   help="rows per block (default: a multiple of the stored chunks near 32 MiB)")
+    g.add_argument("--split-every", type=_positive_int, metavar="N",
+                   help="fan-in of the reduction tree (default 16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dmix`` argument parser (one subparser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="dmix",
+        description="Mixture models fitted out of core: Dask-streamed E-steps over Zarr data.",
+    )
+    parser.add_argument("--version", action="version", version=f"dmix {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("make-data", help="write a synthetic Gaussian mixture to a Zarr group",
+                       description="Write a synthetic Gaussian mixture to the Zarr group OUT: "
+                                   "array X, written block by block, and its true parameters "
+                                   "in the subgroup truth.")
+    p.add_argument("out", metavar="OUT.zarr", help="path or URL of the group to create")
+    p.add_argument("--n-samples", "-n", type=_positive_int, required=True, metavar="N")
+    p.add_argument("--n-features", "-d", type=_positive_int, required=True, metavar="D")
+    p.add_argument("--n-components", "-k", type=_positive_int, required=True, metavar="K")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                   help="seed of the parameters and of the rows (default %(default)s)")
+    p.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
+                   help="rows per stored chunk (default: about 16 MiB of rows)")
+    p.add_argument("--shard-size", type=_positive_int, metavar="ROWS",
+                   help="rows per shard, a multiple of --chunk-size (default: no sharding)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--separation", type=_positive_float, default=6.0,
+                   help="minimum distance between means in standard deviations "
+                        "(default %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=min(4, _cpu_count()), metavar="N",
+                   help="blocks generated and written at once (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr group")
+    p.set_defaults(func=_cmd_make_data)
+
+    p = sub.add_parser("fit", help="fit a Gaussian mixture to a Zarr array",
+                       description="Fit a Gaussian mixture by EM to the Zarr array DATA (or "
+                                   "the array X of the group DATA) on a Dask cluster.")
+    p.add_argument("data", metavar="DATA.zarr", help="path or URL of a Zarr array or group")
+    p.add_argument("--array", metavar="NAME",
+                   help="the array inside the group DATA (default: X, or its only array)")
+    _add_fit_options(p, n_components_required=True)
+    p.add_argument("--seed", type=_non_negative_int, metavar="S",
+                   help="random_state of the initialisation (default: fresh entropy)")
+    p.add_argument("--output", "-o", metavar="MODEL_DIR", help="save the fitted model here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("info", help="describe a saved model",
+                       description="Print what a model saved by `dmix fit --output` holds.")
+    p.add_argument("model", metavar="MODEL_DIR", help="path or URL of the model")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("quickstart", help="make data, start a local cluster, fit, compare",
+                       description="Write a synthetic mixture to a local Zarr store, fit it on "
+                                   "a local Dask cluster, and compare the fit with the truth.")
+    p.add_argument("--n-samples", "-n", type=_positive_int, default=200_000, metavar="N",
+                   help="default %(default)s")
+    p.add_argument("--n-features", "-d", type=_positive_int, default=8, metavar="D",
+                   help="default %(default)s")
+    p.add_argument("--n-components", "-k", type=_positive_int, default=4, metavar="K",
+                   help="default %(default)s")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                   help="seed of the data and of the fit (default %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--separation", type=_positive_float, default=6.0,
+                   help="minimum distance between means in standard deviations "
+                        "(default %(default)s)")
+    p.add_argument("--out", metavar="DIR",
+                   help="keep the data in DIR/data.zarr (default: a temporary directory)")
+    _add_fit_options(p, n_components_required=False)
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``dmix`` command with ``argv`` (default ``sys.argv[1:]``); return its status.
+
+    0 on success, 2 for usage errors (with argparse's message), 1 for a
+    :class:`~dmix.errors.DmixError` (its message on stderr, no traceback), 130 on Ctrl-C.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args) or 0)
+    except DmixError as exc:
+        _say(f"dmix {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _say(f"dmix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Tests of dmix.engine.reduce: map_reduce results, the shape and names of its graph."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from dmix.engine.reduce import (
+    DEFAULT_SPLIT_EVERY,
+    map_blocks,
+    map_reduce,
+    resolve_client,
+    tree_depth,
+)
+
+distributed = pytest.importorskip("distributed")
+
+KEY = re.compile(r"^dmix-(?P<label>[a-z]+)-(?P<call>\d+-[0-9a-f]{8})(?:-(?P<rest>[\d-]+))?$")
+
+
+@pytest.fixture(autouse=True)
+def _sync_scheduler():
+    with dask.config.set(scheduler="sync"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A small in-process cluster (threads) for the task-name checks."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster:
+        with distributed.Client(cluster, set_as_default=False) as c:
+            yield c
+
+
+class RecordingScheduler:
+    """Dask's synchronous scheduler that also keeps the graph it was asked to run."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, expr, keys, **kwargs):
+        self.graphs.append(dict(expr.__dask_graph__()))
+        return dask.get(expr, keys, **kwargs)
+
+
+def _block_stats(block, start, index, scale):
+    """Per-block summary that makes every detail of the call checkable."""
+    return {
+        "sum": scale * block.sum(axis=0),
+        "n": block.shape[0],
+        "starts": [start],
+        "indices": [index],
+        "first": [block[0, 0] if block.shape[0] else None],
+    }
+
+
+def _combine(a, b):
+    return {k: a[k] + b[k] for k in a}
+
+
+def _data(chunks, d=3, seed=0):
+    n = sum(chunks)
+    x = np.random.default_rng(seed).normal(size=(n, d))
+    return x, da.from_array(x, chunks=(tuple(chunks), (d,)))
+
+
+UNEVEN = [5, 1, 17, 2, 1, 9, 30, 1, 3, 11, 7, 1, 13]  # 13 blocks, 101 rows
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 4, 13, 16, 100])
+@pytest.mark.parametrize("chunks", [UNEVEN, [1] * 37, [50], [20, 20, 20, 20, 3]],
+                         ids=["uneven", "1-row", "one-block", "even+tail"])
+def test_map_reduce_equals_python_sum(chunks, split_every):
+    x, data = _data(chunks)
+    out = map_reduce(data, _block_stats, 2.0, combine=_combine, split_every=split_every)
+    # plain Python over the same blocks, in order
+    starts = np.concatenate([[0], np.cumsum(chunks)[:-1]]).tolist()
+    expected_sum = np.zeros(x.shape[1])
+    for s, c in zip(starts, chunks, strict=True):
+        expected_sum = expected_sum + 2.0 * x[s:s + c].sum(axis=0)
+    np.testing.assert_allclose(out["sum"], expected_sum, rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(out["sum"], 2.0 * x.sum(axis=0), rtol=1e-12, atol=1e-12)
+    assert out["n"] == x.shape[0]
+    # every block once, in order, with its global first row
+    assert out["indices"] == list(range(len(chunks)))
+    assert out["starts"] == starts
+    assert out["first"] == [x[s, 0] for s in starts]
+
+
+def _levels(graph):
+    """The dmix keys of one map_reduce graph, grouped: {label: [...], 'reduce': {level: n}}."""
+    calls = {KEY.match(k).group("call") for k in graph if isinstance(k, str) and KEY.match(k)}
+    assert len(calls) == 1, calls
+    estep, params, levels, fanin = [], [], {}, []
+    for key, task in graph.items():
+        m = KEY.match(key) if isinstance(key, str) else None
+        if m is None:
+            continue
+        if m.group("label") == "reduce":
+            level, j = map(int, m.group("rest").split("-"))
+            levels.setdefault(level, []).append(j)
+            fanin.append(len(task.dependencies))
+        elif m.group("label") == "params":
+            params.append(key)
+        else:
+            estep.append((key, task))
+    return estep, params, levels, fanin
+
+
+@pytest.mark.parametrize(
+    "n_blocks,split_every",
+    [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (8, 2), (9, 2), (16, 4), (17, 4), (13, 4),
+     (13, 13), (13, 16), (37, 3), (37, 6), (64, 4), (65, 4), (20, None)],
+)
+def test_graph_tree_depth_and_shape(n_blocks, split_every):
+    _, data = _data([2] * n_blocks)
+    rec = RecordingScheduler()
+    with dask.config.set(scheduler=rec):
+        out = map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=split_every)
+    assert out["indices"] == list(range(n_blocks))
+    (graph,) = rec.graphs
+    estep, params, levels, fanin = _levels(graph)
+    s = DEFAULT_SPLIT_EVERY if split_every is None else split_every
+    # the explicit count: smallest depth with s**depth >= n_blocks
+    depth = next(d for d in range(64) if s**d >= n_blocks)
+    assert len(levels) == depth == tree_depth(n_blocks, s)
+    # level l has ceil(n / s**(l+1)) nodes, numbered 0.., each with at most s inputs
+    for level, js in levels.items():
+        assert sorted(js) == list(range(math.ceil(n_blocks / s ** (level + 1))))
+    assert all(1 <= f <= s for f in fanin)
+    # one estep task per block, each depending on the one parameters node
+    assert len(estep) == n_blocks
+    assert len(params) == 1
+    for _, task in estep:
+        assert params[0] in task.dependencies
+    # the single root is the last reduce level (or the only estep task)
+    if depth:
+        assert levels[depth - 1] == [0]
+
+
+def test_tree_depth_matches_integer_count():
+    for s in range(2, 21):
+        for n in range(1, 3000):
+            expected = next(d for d in range(64) if s**d >= n)
+            assert tree_depth(n, s) == expected, (n, s)
+    # exact powers, where a floating-point log could round the wrong way
+    for s in (2, 3, 4, 5, 7, 8, 10, 16, 32):
+        for e in range(1, 30):
+            if s**e > 10**9:  # far beyond any real number of blocks
+                break
+            assert tree_depth(s**e, s) == e, (s, e)
+            assert tree_depth(s**e + 1, s) == e + 1, (s, e)
+    assert tree_depth(0, 2) == 0
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3, 2.0, 2.5, True, "4", [4]])
+def test_invalid_split_every(bad):
+    _, data = _data([3, 3])
+    message = f"split_every must be an int >= 2. Got {bad!r} instead."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=bad)
+
+
+def test_split_every_numpy_integer_accepted():
+    """The estimator validates split_every as numbers.Integral, so NumPy ints must work here."""
+    x, data = _data([3, 3, 3, 3, 3])
+    out = map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=np.int64(2))
+    assert out["n"] == 15
+    np.testing.assert_allclose(out["sum"], x.sum(axis=0), rtol=1e-12)
+
+
+def test_map_blocks_rows_and_columns():
+    x, data = _data(UNEVEN)
+    col = map_blocks(data, lambda b, a, start, index: b.sum(axis=1) * a, 3.0,
+                     out_columns=None, dtype=np.float64, label="rowsum")
+    two = map_blocks(data, lambda b, a, start, index: b[:, :2] + a, 1.0, out_columns=2,
+                     dtype=np.float64, label="firsttwo")
+    # Each block learns its first row and its index, for error messages.
+    where = map_blocks(data, lambda b, start, index: np.full(len(b), 1000.0 * index + start),
+                       out_columns=None, dtype=np.float64, label="where")
+    starts = np.repeat(np.cumsum([0, *UNEVEN[:-1]]), UNEVEN)
+    np.testing.assert_array_equal(where.compute(),
+                                  1000.0 * np.repeat(np.arange(len(UNEVEN)), UNEVEN) + starts)
+    assert col.chunks == (tuple(UNEVEN),)
+    assert two.chunks == (tuple(UNEVEN), (2,))
+    np.testing.assert_allclose(col.compute(), 3.0 * x.sum(axis=1), rtol=1e-14)
+    np.testing.assert_allclose(two.compute(), x[:, :2] + 1.0, rtol=1e-14)
+    assert col.name.startswith("dmix-rowsum")
+    assert two.name.startswith("dmix-firsttwo")
+
+
+def test_task_prefixes_on_distributed(client):
+    x, data = _data(UNEVEN)
+    out = map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=3, client=client)
+    np.testing.assert_allclose(out["sum"], x.sum(axis=0), rtol=1e-12)
+    assert out["indices"] == list(range(len(UNEVEN)))
+    prefixes = client.run_on_scheduler(
+        lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert "dmix-estep" in prefixes
+    assert "dmix-reduce" in prefixes
+    assert "dmix-params" in prefixes
+    # the task stream of one call: 13 estep tasks and, with fan-in 3, 5 + 2 + 1 reduce tasks
+    with distributed.get_task_stream(client) as ts:
+        out = map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=3,
+                         client=client)
+    assert out["n"] == x.shape[0]
+    names = [distributed.utils.key_split(t["key"]) for t in ts.data]
+    assert names.count("dmix-estep") == len(UNEVEN)
+    assert names.count("dmix-reduce") == 5 + 2 + 1
+
+
+def test_resolve_client_explicit_and_local_scheduler(client):
+    assert resolve_client(client) is client
+    with dask.config.set(scheduler="sync"):
+        assert resolve_client() is None
+    with dask.config.set(scheduler="threads"):
+        assert resolve_client() is None
+
+
+def test_resolve_client_uses_default_client():
+    """The docstring: with no local scheduler configured, the default distributed client."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster:
+        with dask.config.set(scheduler=None):
+            with distributed.Client(cluster) as default:
+                assert resolve_client() is default
