@@ -25,7 +25,7 @@ from dmix.xp import Workspace, get_namespace
 __all__ = ["EMResult", "Monitor", "apply_batched", "estep_pass", "fit_em", "run_em"]
 
 #: Target bytes of E-step temporaries per sub-batch inside a block (fits in cache-friendly sizes).
-SUBBATCH_BYTES = 8 * 2**20
+SUBBATCH_BYTES = 32 * 2**20
 
 
 @dataclass
