@@ -23,7 +23,7 @@ from dmix.engine.loop import EMResult, Monitor, fit_em, run_em
 from dmix.families.gaussian import Gaussian
 from dmix.io.source import as_source
 
-distributed = pytest.importorskip("distributed")
+import distributed  # a core dependency: its absence must fail, not skip
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical", "tied_diag", "tied_spherical"]
 FITTED = ["weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"]

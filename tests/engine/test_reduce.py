@@ -18,7 +18,7 @@ from dmix.engine.reduce import (
     tree_depth,
 )
 
-distributed = pytest.importorskip("distributed")
+import distributed  # a core dependency: its absence must fail, not skip
 
 KEY = re.compile(r"^dmix-(?P<label>[a-z]+)-(?P<call>\d+-[0-9a-f]{8})(?:-(?P<rest>[\d-]+))?$")
 
