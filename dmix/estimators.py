@@ -144,6 +144,10 @@ default='full'
         Cluster to run on. Default: the current default client, else Dask's local scheduler.
     split_every : int, optional
         Fan-in of the reduction tree (default 16).
+    persist : {'auto', True, False}, default='auto'
+        Keep the data in cluster memory between iterations (True) or stream them from their
+        store every iteration (False). 'auto' persists when they take at most half of the
+        workers' memory limits (of free memory without a cluster), and streams otherwise.
 
     Attributes
     ----------
@@ -181,6 +185,10 @@ default='full'
         chunk_size=None,
         client=None,
         split_every=None,
+        persist="auto",
+        checkpoint=None,
+        checkpoint_every=1,
+        checkpoint_keep=3,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -199,6 +207,10 @@ default='full'
         self.chunk_size = chunk_size
         self.client = client
         self.split_every = split_every
+        self.persist = persist
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_keep = checkpoint_keep
 
     # -- validation -------------------------------------------------------------------------
 
@@ -213,6 +225,10 @@ default='full'
         _check_number(name, "verbose_interval", self.verbose_interval, "int", 1)
         if self.split_every is not None:
             _check_number(name, "split_every", self.split_every, "int", 2)
+        if self.persist not in ("auto", True, False):
+            raise InvalidParameterError(
+                f"The 'persist' parameter of {name} must be 'auto', True or False. "
+                f"Got {self.persist!r} instead.")
         options = [*COVARIANCE_TYPES, "tied_full"]
         if self.covariance_type not in options:
             raise InvalidParameterError(
@@ -318,7 +334,8 @@ default='full'
         n_features = source.shape[1]
         user = self._check_user_init(family, n_features)
         client = resolve_client(self.client)
-        data = place_data(source.array, client, in_memory=source.in_memory)
+        data = place_data(source.array, client, in_memory=source.in_memory,
+                          persist=self.persist)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         seed = seed_sequence_int(self.random_state)

@@ -170,14 +170,19 @@ def resolve_client(client=None):
         return None
 
 
-def place_data(data: da.Array, client=None, in_memory: bool = False, fraction: float = 0.5):
-    """Persist ``data`` where it fits in ``fraction`` of the available memory, else leave it lazy.
+def place_data(data: da.Array, client=None, in_memory: bool = False, persist="auto",
+               fraction: float = 0.5):
+    """Persist ``data`` in (cluster) memory, or leave it lazy to be streamed every pass.
 
-    In-memory (NumPy) sources are persisted on a cluster so that their blocks travel to the
-    workers once, not once per iteration; with a local scheduler they are already in memory.
-    Zarr sources are read once and kept when they fit, and streamed every pass otherwise.
+    ``persist="auto"`` persists when the data fit in ``fraction`` of the available memory (the
+    workers' memory limits on a cluster), and streams them otherwise: persisted data that spill
+    are re-read from local disk every pass and make workers pause. In-memory (NumPy) sources
+    are persisted on a cluster, so that their blocks travel to the workers once, not once per
+    iteration; with a local scheduler they are already in memory. ``persist=True`` or
+    ``False`` overrides the choice.
     """
-    fits = data.nbytes <= fraction * _available_memory(client)
+    if persist == "auto":
+        persist = in_memory or data.nbytes <= fraction * _available_memory(client)
     if client is not None:
-        return client.persist(data) if in_memory or fits else data
-    return data if in_memory or not fits else data.persist()
+        return client.persist(data) if persist else data
+    return data.persist() if persist and not in_memory else data

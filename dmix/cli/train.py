@@ -1,23 +1,7 @@
-"""The ``dmix`` command: make data, fit, inspect, and a quickstart that does all three.
-
-::
-
-    dmix make-data OUT.zarr --n-samples N --n-features D --n-components K --seed S \
-        --chunk-size C
-    dmix fit DATA.zarr --n-components K --covariance-type full [--scheduler ADDRESS] \
-        [--output MODEL_DIR]
-    dmix info MODEL_DIR
-    dmix quickstart [--n-samples 200000 --n-features 8 --n-components 4 --out DIR]
-
-``fit`` and ``quickstart`` start a ``distributed.LocalCluster`` in process (one single-threaded
-worker process per core) unless ``--scheduler`` names a running scheduler, and print the
-address of the Dask dashboard. Usage errors exit with status 2 (argparse); errors in the data,
-the options or the files exit with status 1 and one line on stderr, without a traceback.
-"""
+"""``dmix make-data``, ``fit``, ``resume``, ``info`` and ``quickstart``."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -27,13 +11,22 @@ import warnings
 
 import numpy as np
 
-from dmix import __version__
+from dmix.cli._common import (
+    ProgressMonitor,
+    _add_cluster_options,
+    _add_fit_options,
+    _cpu_count,
+    _dask_client,
+    _fmt_vector,
+    _nbytes,
+    _non_negative_int,
+    _positive_float,
+    _positive_int,
+    _say,
+)
 from dmix.datasets import make_mixture, match_components
-from dmix.engine.loop import Monitor
-from dmix.errors import DmixError
 from dmix.estimators import GaussianMixture
 from dmix.families.base import family_spec
-from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
 from dmix.io.source import as_source
 from dmix.io.store import (
@@ -45,164 +38,6 @@ from dmix.io.store import (
     write_params,
 )
 from dmix.rng import seed_sequence_int
-
-__all__ = ["ProgressMonitor", "build_parser", "main"]
-
-_DEFAULT_DASHBOARD = ":8787"
-
-
-# -- argument types --------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
-
-
-# -- output ----------------------------------------------------------------------------------
-
-
-def _say(*args, **kwargs) -> None:
-    print(*args, **kwargs, flush=True)
-
-
-def _fmt_vector(v, digits: int = 4, limit: int = 8) -> str:
-    v = np.asarray(v, dtype=np.float64).ravel()
-    shown = " ".join(f"{x:.{digits}f}" for x in v[:limit])
-    return f"[{shown}{' ...' if v.size > limit else ''}]"
-
-
-def _nbytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-# -- EM progress -----------------------------------------------------------------------------
-
-
-class ProgressMonitor(Monitor):
-    """Prints one line per EM iteration: number, mean log-likelihood per row, change, seconds.
-
-    Parameters
-    ----------
-    n_init : int, default=1
-        Number of initialisations (a heading is printed per initialisation when more than 1).
-    init_params : str, optional
-        Name of the initialisation method, for the heading.
-    file : file-like, optional
-        Where to print; default ``sys.stdout`` (looked up at each call).
-    """
-
-    def __init__(self, n_init: int = 1, init_params: str | None = None, file=None):
-        self.n_init = n_init
-        self.init_params = init_params
-        self.file = file
-        self._header = False
-
-    def _print(self, text: str) -> None:
-        _say(text, file=self.file or sys.stdout)
-
-    def begin_init(self, init: int) -> None:
-        how = f" ({self.init_params})" if self.init_params else ""
-        self._print(f"Initialization {init + 1}/{self.n_init}{how}...")
-        self._header = False
-
-    def end_iteration(self, record) -> None:
-        if not self._header:
-            self._print(f"{'iter':>6}  {'log-likelihood':>16}  {'change':>11}  {'seconds':>8}")
-            self._header = True
-        self._print(f"{record.iteration:>6d}  {record.lower_bound:>16.6f}  "
-                    f"{record.change:>11.3e}  {record.seconds:>8.3f}")
-
-    def end_init(self, init: int, result, seconds: float) -> None:
-        state = "converged" if result.converged else "did not converge"
-        self._print(f"Initialization {init + 1}/{self.n_init} {state} after {result.n_iter} "
-                    f"iterations ({seconds:.2f} s): lower bound {result.lower_bound:.6f}")
-
-
-# -- the cluster -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address: str):
-    """A ``distributed.Client``: to ``scheduler`` if given, else to a new in-process cluster."""
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        try:
-            client = Client(scheduler)  # timeout: distributed.comm.timeouts.connect
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise DmixError(
-                f"Could not connect to the Dask scheduler at {scheduler!r}: {exc}"
-            ) from None
-        with client:
-            n = len(client.scheduler_info().get("workers", {}))
-            _say(f"Connected to the Dask scheduler at {scheduler} ({n} workers)")
-            _say(f"Dask dashboard: {client.dashboard_link}")
-            yield client
-        return
-    n_workers = n_workers or _cpu_count()
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=dashboard_address)
-    with cluster, Client(cluster) as client:
-        _say(f"Started a local Dask cluster: {n_workers} worker process(es) x 1 thread")
-        _say(f"Dask dashboard: {client.dashboard_link}")
-        yield client
-
-
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster")
-    g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="address of a running Dask scheduler (e.g. tcp://host:8786); default: "
-                        "start a local cluster in this process")
-    g.add_argument("--n-workers", type=_positive_int, metavar="N",
-                   help="worker processes of the local cluster (default: one per core)")
-    g.add_argument("--dashboard-address", default=_DEFAULT_DASHBOARD, metavar="ADDR",
-                   help="where the local cluster serves its dashboard (default %(default)s; "
-                        "':0' picks a free port)")
-
 
 # -- make-data -------------------------------------------------------------------------------
 
@@ -418,43 +253,9 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
-# -- the parser ------------------------------------------------------------------------------
 
-
-def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool) -> None:
-    g = p.add_argument_group("model")
-    if n_components_required:
-        g.add_argument("--n-components", "-k", type=_positive_int, required=True, metavar="K",
-                       help="number of mixture components")
-    g.add_argument("--covariance-type", default="full",
-                   choices=[*COVARIANCE_TYPES, "tied_full"], metavar="TYPE",
-                   help="one of %(choices)s (default %(default)s)")
-    g.add_argument("--max-iter", type=_non_negative_int, default=100, metavar="N",
-                   help="EM iterations per initialisation (default %(default)s)")
-    g.add_argument("--tol", type=_non_negative_float, default=1e-3,
-                   help="stop when the mean log-likelihood changes by less "
-                        "(default %(default)s)")
-    g.add_argument("--reg-covar", type=_non_negative_float, default=1e-6, metavar="EPS",
-                   help="added to the covariance diagonals (default %(default)s)")
-    g.add_argument("--init-params", default="kmeans", metavar="METHOD",
-                   choices=["kmeans", "k-means++", "random", "random_from_data"],
-                   help="one of %(choices)s (default %(default)s)")
-    g.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
-                   help="initialisations; the best is kept (default %(default)s)")
-    g.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
-                   help="rows per block (default: a multiple of the stored chunks near 32 MiB)")
-    g.add_argument("--split-every", type=_positive_int, metavar="N",
-                   help="fan-in of the reduction tree (default 16)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``dmix`` argument parser (one subparser per command)."""
-    parser = argparse.ArgumentParser(
-        prog="dmix",
-        description="Mixture models fitted out of core: Dask-streamed E-steps over Zarr data.",
-    )
-    parser.add_argument("--version", action="version", version=f"dmix {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def add_commands(sub) -> None:
+    """Register make-data, fit, info and quickstart on the ``dmix`` subparsers ``sub``."""
 
     p = sub.add_parser("make-data", help="write a synthetic Gaussian mixture to a Zarr group",
                        description="Write a synthetic Gaussian mixture to the Zarr group OUT: "
@@ -518,29 +319,4 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(p, n_components_required=False)
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_quickstart)
-    return parser
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``dmix`` command with ``argv`` (default ``sys.argv[1:]``); return its status.
-
-    0 on success, 2 for usage errors (with argparse's message), 1 for a
-    :class:`~dmix.errors.DmixError` (its message on stderr, no traceback), 130 on Ctrl-C.
-    """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, usage errors
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return int(args.func(args) or 0)
-    except DmixError as exc:
-        _say(f"dmix {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        _say(f"dmix {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

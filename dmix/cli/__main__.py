@@ -1,0 +1,5 @@
+import sys
+
+from dmix.cli import main
+
+sys.exit(main())
