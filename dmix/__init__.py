@@ -6,6 +6,7 @@ sufficient statistics are tree-reduced and the M-step runs on the driver.
 
 from dmix.errors import (
     CheckpointMismatchError,
+    CheckpointWarning,
     ConvergenceWarning,
     DataError,
     DmixError,
@@ -13,7 +14,7 @@ from dmix.errors import (
     InvalidParameterError,
     NotFittedError,
 )
-from dmix.estimators import GaussianMixture
+from dmix.estimators import GaussianMixture, resume
 from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
 
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COVARIANCE_TYPES",
     "CheckpointMismatchError",
+    "CheckpointWarning",
     "ConvergenceWarning",
     "DataError",
     "DmixError",
@@ -31,4 +33,5 @@ __all__ = [
     "InvalidParameterError",
     "NotFittedError",
     "__version__",
+    "resume",
 ]

@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover - exercised only without scikit-learn
 
 __all__ = [
     "CheckpointMismatchError",
+    "CheckpointWarning",
     "ConvergenceWarning",
     "DataError",
     "DmixError",
@@ -55,3 +56,7 @@ class NotFittedError(DmixError, _SkNotFittedError):
 
 class ConvergenceWarning(_SkConvergenceWarning):
     """EM stopped at ``max_iter`` before the change in mean log-likelihood fell below ``tol``."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (incomplete or corrupt) and an older one is used instead."""

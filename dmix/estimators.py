@@ -7,9 +7,11 @@ Dask, Zarr and path inputs are streamed and array results come back as lazy Dask
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import numbers
+import os
 import time
 
 import numpy as np
@@ -17,13 +19,15 @@ import numpy as np
 from dmix.engine import init as _init
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
 from dmix.engine.reduce import map_blocks, place_data, resolve_client
-from dmix.errors import DataError, InvalidParameterError, NotFittedError
+from dmix.errors import DataError, DmixError, InvalidParameterError, NotFittedError
+from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
+from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint
 from dmix.io.source import as_source
 from dmix.rng import seed_sequence_int
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "resume"]
 
 _INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 
@@ -312,7 +316,7 @@ default='full'
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar))
 
-    def fit(self, X, y=None, *, monitor: Monitor | None = None):
+    def fit(self, X, y=None, *, resume: bool = False, monitor: Monitor | None = None):
         """Estimate the parameters with EM.
 
         Parameters
@@ -320,6 +324,10 @@ default='full'
         X : array-like, dask array, zarr array, or path/URL of a Zarr array
             Data of shape (n_samples, n_features).
         y : ignored
+        resume : bool, default=False
+            Continue from the latest checkpoint in ``checkpoint`` if there is one (else start
+            afresh). The result is the one an uninterrupted fit gives. Without ``resume``, a
+            ``checkpoint`` directory must hold no checkpoints.
         monitor : dmix.engine.Monitor, optional
             Receives a record per iteration (the CLI prints them); replaces the ``verbose``
             messages.
@@ -327,8 +335,14 @@ default='full'
         Returns
         -------
         self
+
+        Raises
+        ------
+        CheckpointMismatchError
+            If ``resume`` finds a checkpoint written for other data or incompatible options.
         """
         self._check_parameters()
+        ckpt = self._checkpoint_dir()  # an unwritable directory fails before anything runs
         source = self._source(X, fitting=True)
         family = self._family
         n_features = source.shape[1]
@@ -336,9 +350,18 @@ default='full'
         client = resolve_client(self.client)
         data = place_data(source.array, client, in_memory=source.in_memory,
                           persist=self.persist)
+        monitor = monitor or _VerboseMonitor(self.verbose, self.verbose_interval)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
+        n_init = self.n_init if do_init else 1
         seed = seed_sequence_int(self.random_state)
+        loaded = None
+        if ckpt is not None:
+            loaded, seed = self._open_checkpoint(ckpt, resume, X, source, data, family, user,
+                                                 seed, n_init, client)
+            if loaded is not None:
+                monitor.resumed(ckpt.url, loaded.name, loaded.snapshot.restart,
+                                loaded.snapshot.run.n_iter)
         passes = dict(source=source.description, split_every=self.split_every, client=client)
 
         def initialize(restart):
@@ -359,10 +382,9 @@ default='full'
 
         tic = time.perf_counter()
         result = fit_em(
-            family, data, initialize, n_init=self.n_init if do_init else 1,
-            max_iter=self.max_iter, tol=self.tol,
-            lower_bound=-math.inf if do_init else self.lower_bound_,
-            monitor=monitor or _VerboseMonitor(self.verbose, self.verbose_interval), **passes)
+            family, data, initialize, n_init=n_init, max_iter=self.max_iter, tol=self.tol,
+            lower_bound=-math.inf if do_init else self.lower_bound_, monitor=monitor,
+            checkpoint=ckpt, resume=None if loaded is None else loaded.snapshot, **passes)
         self._set_params(family, result.params)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
@@ -370,7 +392,63 @@ default='full'
         self.lower_bounds_ = list(result.lower_bounds)
         self.n_features_in_ = n_features
         self.fit_seconds_ = time.perf_counter() - tic
+        if ckpt is not None:
+            self.checkpoints_ = list(ckpt.saved)
         return self
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint_dir(self) -> CheckpointDir | None:
+        if self.checkpoint is None:
+            return None
+        name = type(self).__name__
+        _check_number(name, "checkpoint_every", self.checkpoint_every, "int", 1)
+        _check_number(name, "checkpoint_keep", self.checkpoint_keep, "int", 1)
+        if not isinstance(self.checkpoint, str | os.PathLike):
+            raise InvalidParameterError(
+                f"The 'checkpoint' parameter of {name} must be a path or URL (str). Got "
+                f"{self.checkpoint!r} instead.")
+        ckpt = CheckpointDir(self.checkpoint, every=self.checkpoint_every,
+                             keep=self.checkpoint_keep)
+        ckpt.check_writable()
+        return ckpt
+
+    def _open_checkpoint(self, ckpt, resume, X, source, data, family, user, seed, n_init,
+                         client):
+        """Describe this fit to ``ckpt`` and load what it holds; returns (loaded, seed)."""
+        if not resume and not ckpt.is_empty():
+            raise DmixError(
+                f"The checkpoint directory {ckpt.url!r} holds checkpoints of an earlier fit. "
+                "Pass resume=True (dmix fit --resume, or dmix resume DIR) to continue it, or "
+                "choose an empty directory.")
+        loaded = ckpt.load() if resume else None
+        if loaded is not None and self.random_state is None:
+            seed = int(loaded.attrs["seed"])  # an unseeded fit continues with its own seed
+        location = os.fspath(X) if isinstance(X, str | os.PathLike) else None
+        fingerprint = data_fingerprint(data, source.description, location, client)
+        must_match = {
+            "estimator": type(self).__name__,
+            "n_components": self.n_components,
+            "n_init": n_init,
+            "init_params": self.init_params,
+            "seed": str(seed),
+            "user_init": {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+                          for k, v in sorted(user.items())},
+        }
+        spec = family_spec(family)
+        if loaded is not None:
+            check_compatible(loaded.attrs, family=spec, options=must_match,
+                             fingerprint=fingerprint, where=ckpt.url)
+        ckpt.discard_after(None if loaded is None else loaded.name)
+        settings = {k: v for k, v in self.get_params().items()
+                    if k not in ("client", "weights_init", "means_init", "precisions_init")}
+        if not isinstance(settings["random_state"], numbers.Integral):
+            settings["random_state"] = None
+        ckpt.meta = {"estimator": type(self).__name__, "family": spec, "options": must_match,
+                     "settings": settings, "data": fingerprint, "seed": str(seed),
+                     "dmix_version": _version(), "versions": _versions()}
+        ckpt.user_init = {f"{k}_init": v for k, v in user.items()}
+        return loaded, seed
 
     def _set_params(self, family: Gaussian, params):
         cov = family.covariance
@@ -459,3 +537,73 @@ default='full'
 def _apply_batched(x, fn, family, params, n_components, source, *, start, index):
     return apply_batched(x, fn, family, params, n_components, start=start, index=index,
                          source=source)
+
+
+def _version() -> str:
+    from dmix import __version__
+
+    return __version__
+
+
+def _versions() -> dict:
+    import dask
+    import zarr
+
+    return {"dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+_ESTIMATORS = {"GaussianMixture": GaussianMixture}
+
+
+def resume(checkpoint, data=None, *, max_iter=None, client=None, monitor: Monitor | None = None):
+    """Continue the fit whose checkpoints are in ``checkpoint``; return the fitted estimator.
+
+    The estimator is rebuilt from the options saved with the checkpoints and fitted with
+    ``resume=True``: the result is the one the uninterrupted fit would have given.
+
+    Parameters
+    ----------
+    checkpoint : str or os.PathLike
+        The checkpoint directory (local path or fsspec URL) of the interrupted fit.
+    data : array-like, dask array, zarr array or path/URL, optional
+        The data of the fit. Default: the path or URL recorded in the checkpoint (in-memory
+        data must be passed again).
+    max_iter : int, optional
+        A new iteration limit per initialisation (default: the one of the interrupted fit).
+    client : distributed.Client, optional
+        The cluster to continue on (default: the current default client, else local).
+    monitor : dmix.engine.Monitor, optional
+        Receives progress, as in ``fit``.
+
+    Returns
+    -------
+    estimator : GaussianMixture
+        Fitted; its ``checkpoint`` is ``checkpoint``.
+
+    Raises
+    ------
+    DmixError
+        If ``checkpoint`` holds no complete checkpoint, or ``data`` is needed and not given.
+    CheckpointMismatchError
+        If ``data`` is not the data the checkpoints were written for.
+    """
+    ckpt = CheckpointDir(checkpoint)
+    loaded = ckpt.load()
+    if loaded is None:
+        raise DmixError(f"No complete checkpoint found in {ckpt.url!r}: nothing to resume.")
+    attrs = loaded.attrs
+    cls = _ESTIMATORS.get(attrs.get("estimator"))
+    if cls is None:
+        raise DmixError(f"The checkpoints in {ckpt.url!r} are of an estimator this version of "
+                        f"dmix does not know: {attrs.get('estimator')!r}.")
+    if data is None:
+        data = attrs["data"].get("location")
+        if data is None:
+            raise DmixError(
+                f"The checkpoints in {ckpt.url!r} were written for {attrs['data']['source']}, "
+                "which has no path to reopen: pass the same data again (data=X, or --data).")
+    settings = dict(attrs["settings"], random_state=int(attrs["seed"]),
+                    checkpoint=os.fspath(checkpoint), client=client, **loaded.user_init)
+    if max_iter is not None:
+        settings["max_iter"] = max_iter
+    return cls(**settings).fit(data, resume=True, monitor=monitor)

@@ -108,6 +108,10 @@ class ProgressMonitor(Monitor):
     def _print(self, text: str) -> None:
         _say(text, file=self.file or sys.stdout)
 
+    def resumed(self, directory: str, name: str, init: int, iteration: int) -> None:
+        self._print(f"Resuming from the checkpoint {name} in {directory}: initialization "
+                    f"{init + 1}/{self.n_init} after iteration {iteration}")
+
     def begin_init(self, init: int) -> None:
         how = f" ({self.init_params})" if self.init_params else ""
         self._print(f"Initialization {init + 1}/{self.n_init}{how}...")
@@ -148,10 +152,13 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
             yield client
         return
     n_workers = n_workers or _cpu_count()
+    # memory_limit="auto": the machine's memory shared equally between the workers.
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=dashboard_address)
+                           dashboard_address=dashboard_address, memory_limit="auto")
     with cluster, Client(cluster) as client:
-        _say(f"Started a local Dask cluster: {n_workers} worker process(es) x 1 thread")
+        limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+        per = f", {min(limits) / 2**30:.1f} GiB memory limit each" if all(limits) else ""
+        _say(f"Started a local Dask cluster: {n_workers} worker process(es) x 1 thread{per}")
         _say(f"Dask dashboard: {client.dashboard_link}")
         yield client
 
@@ -193,5 +200,10 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
                    help="rows per block (default: a multiple of the stored chunks near 32 MiB)")
     g.add_argument("--split-every", type=_positive_int, metavar="N",
                    help="fan-in of the reduction tree (default 16)")
+    g.add_argument("--persist", choices=["auto", "yes", "no"], default="auto",
+                   type=str.lower,
+                   help="keep the data in cluster memory between iterations (yes), stream them "
+                        "from the store every iteration (no), or persist when they take at "
+                        "most half of the workers' memory (auto, the default)")
 
 

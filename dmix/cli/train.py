@@ -25,9 +25,12 @@ from dmix.cli._common import (
     _say,
 )
 from dmix.datasets import make_mixture, match_components
+from dmix.errors import DmixError
 from dmix.estimators import GaussianMixture
+from dmix.estimators import resume as dmix_resume
 from dmix.families.base import family_spec
 from dmix.families.gaussian import Gaussian
+from dmix.io.checkpoint import CheckpointDir
 from dmix.io.source import as_source
 from dmix.io.store import (
     check_model_target,
@@ -84,7 +87,8 @@ def _cmd_make_data(args) -> int:
 
 
 def _estimator(args, client):
-    if args.seed is None:  # draw one here, so that it is printed and saved with the model
+    resume = getattr(args, "resume", False)
+    if args.seed is None and not resume:  # draw one, so that it is printed and saved
         args.seed = seed_sequence_int(None) % 2**32
         _say(f"Seed: {args.seed} (pass --seed {args.seed} to repeat this fit)")
     return GaussianMixture(
@@ -92,19 +96,25 @@ def _estimator(args, client):
         reg_covar=args.reg_covar, max_iter=args.max_iter, n_init=args.n_init,
         init_params=args.init_params, random_state=args.seed, chunk_size=args.chunk_size,
         client=client, split_every=args.split_every,
+        persist={"auto": "auto", "yes": True, "no": False}[args.persist],
+        checkpoint=getattr(args, "checkpoint", None),
+        checkpoint_every=getattr(args, "checkpoint_every", 1),
+        checkpoint_keep=getattr(args, "checkpoint_keep", 3),
     )
 
 
-def _fit(est, data) -> None:
-    """Fit with the progress monitor; warnings (non-convergence) become one line on stderr."""
-    monitor = ProgressMonitor(est.n_init, est.init_params)
+def _fit(fit, n_init: int, init_params: str):
+    """Return ``fit(monitor)`` run with a progress monitor; warnings (non-convergence, a
+    skipped checkpoint) become one line each on stderr."""
+    monitor = ProgressMonitor(n_init, init_params)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est.fit(data, monitor=monitor)
+        est = fit(monitor)
     for w in caught:
         if issubclass(w.category, DeprecationWarning | PendingDeprecationWarning):
             continue
         _say(f"dmix: warning: {w.message}", file=sys.stderr)
+    return est
 
 
 def _model_contents(est, source, data: str) -> tuple[dict, dict, dict]:
@@ -155,7 +165,38 @@ def _cmd_fit(args) -> int:
     _say(_data_summary(source))
     with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
         est = _estimator(args, client)
-        _fit(est, data)
+        _fit(lambda monitor: est.fit(data, resume=args.resume, monitor=monitor), est.n_init,
+             est.init_params)
+    _print_result(est)
+    if args.output:
+        family, params, attrs = _model_contents(est, source, data)
+        save_model(args.output, family, params, attrs, overwrite=args.overwrite)
+        _say(f"Saved the model to {args.output}")
+    return 0
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+
+def _cmd_resume(args) -> int:
+    with warnings.catch_warnings():  # the fit below reports what load() warns about
+        warnings.simplefilter("ignore")
+        loaded = CheckpointDir(args.checkpoint).load()
+    if loaded is None:
+        raise DmixError(f"No complete checkpoint found in {args.checkpoint!r}: nothing to "
+                        "resume.")
+    settings, data = loaded.attrs["settings"], args.data or loaded.attrs["data"]["location"]
+    if data is None:
+        raise DmixError(f"The checkpoints in {args.checkpoint!r} were written for "
+                        f"{loaded.attrs['data']['source']}, which has no path: pass --data.")
+    if args.output:
+        check_model_target(args.output, args.overwrite)
+    source = as_source(data, chunk_size=settings["chunk_size"])
+    _say(_data_summary(source))
+    with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+        est = _fit(lambda monitor: dmix_resume(args.checkpoint, data, max_iter=args.max_iter,
+                                               client=client, monitor=monitor),
+                   loaded.attrs["options"]["n_init"], settings["init_params"])
     _print_result(est)
     if args.output:
         family, params, attrs = _model_contents(est, source, data)
@@ -241,7 +282,7 @@ def _cmd_quickstart(args) -> int:
         _say(_data_summary(source))
         with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
             est = _estimator(args, client)
-            _fit(est, path)
+            _fit(lambda monitor: est.fit(path, monitor=monitor), est.n_init, est.init_params)
             dashboard = client.dashboard_link
         _print_result(est)
         _compare_with_truth(est, dataset.params)
@@ -255,7 +296,7 @@ def _cmd_quickstart(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """Register make-data, fit, info and quickstart on the ``dmix`` subparsers ``sub``."""
+    """Register make-data, fit, resume, info and quickstart on the ``dmix`` subparsers ``sub``."""
 
     p = sub.add_parser("make-data", help="write a synthetic Gaussian mixture to a Zarr group",
                        description="Write a synthetic Gaussian mixture to the Zarr group OUT: "
@@ -291,8 +332,33 @@ def add_commands(sub) -> None:
                    help="random_state of the initialisation (default: fresh entropy)")
     p.add_argument("--output", "-o", metavar="MODEL_DIR", help="save the fitted model here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint", metavar="DIR_OR_URL",
+                   help="save the state of the fit here after every --checkpoint-every "
+                        "iterations (a local directory or an fsspec URL)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
+                   help="iterations between checkpoints (default %(default)s)")
+    g.add_argument("--checkpoint-keep", type=_positive_int, default=3, metavar="N",
+                   help="complete checkpoints kept (default %(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint if there is one "
+                        "(for jobs that are requeued with the same command)")
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("resume", help="continue an interrupted fit from its checkpoints",
+                       description="Continue the fit whose checkpoints are in CKPT_DIR, with "
+                                   "the options and data it was started with. The result is "
+                                   "the one the uninterrupted fit would have given.")
+    p.add_argument("checkpoint", metavar="CKPT_DIR", help="path or URL of the checkpoints")
+    p.add_argument("--data", metavar="DATA.zarr",
+                   help="the data (default: the path recorded in the checkpoint)")
+    p.add_argument("--max-iter", type=_non_negative_int, metavar="N",
+                   help="new iteration limit per initialisation (default: the fit's own)")
+    p.add_argument("--output", "-o", metavar="MODEL_DIR", help="save the fitted model here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("info", help="describe a saved model",
                        description="Print what a model saved by `dmix fit --output` holds.")

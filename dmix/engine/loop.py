@@ -14,15 +14,25 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from dmix.engine.reduce import map_reduce
 from dmix.errors import ConvergenceWarning, DataError
-from dmix.families.base import Params, Stats
+from dmix.families.base import Params, State, Stats
 from dmix.xp import Workspace, get_namespace
 
-__all__ = ["EMResult", "Monitor", "apply_batched", "estep_pass", "fit_em", "run_em"]
+__all__ = [
+    "Checkpointer",
+    "EMResult",
+    "Monitor",
+    "Snapshot",
+    "apply_batched",
+    "estep_pass",
+    "fit_em",
+    "run_em",
+]
 
 #: Target bytes of E-step temporaries per sub-batch inside a block (fits in cache-friendly sizes).
 SUBBATCH_BYTES = 32 * 2**20
@@ -48,10 +58,15 @@ class EMResult:
     lower_bounds: list[float] = field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
+    #: Which initialisation (restart) this run is.
+    init: int = 0
 
 
 class Monitor:
     """Receives progress; the default does nothing. Subclass to print, log or plot."""
+
+    def resumed(self, directory: str, name: str, init: int, iteration: int) -> None:
+        """The fit continues from checkpoint ``name`` in ``directory``."""
 
     def begin_init(self, init: int) -> None:
         pass
@@ -126,6 +141,34 @@ def estep_pass(family, data, params: Params, *, source="the data", split_every=N
     )
 
 
+@dataclass
+class Snapshot:
+    """Where a fit stands after an iteration: everything needed to continue it exactly.
+
+    ``run`` is the current restart's state (parameters after its last M-step, its lower
+    bounds); ``state`` the M-step state; ``best`` the best finished restart so far. The
+    randomness of every restart is keyed by ``(seed, restart)``, so no generator state is
+    needed beyond the seed the caller records.
+    """
+
+    restart: int
+    run: EMResult
+    state: State
+    best: EMResult | None = None
+
+
+class Checkpointer(Protocol):
+    """Where :func:`fit_em` saves snapshots (see :mod:`dmix.io.checkpoint`)."""
+
+    every: int
+
+    def save(self, snapshot: Snapshot) -> None: ...
+
+
+def _finished(run: EMResult, max_iter: int) -> bool:
+    return run.converged or run.n_iter >= max_iter
+
+
 def run_em(
     family,
     data,
@@ -139,16 +182,23 @@ def run_em(
     split_every: int | None = None,
     client=None,
     monitor: Monitor | None = None,
+    start: EMResult | None = None,
+    state: State | None = None,
+    on_iteration: Callable[[EMResult, State], None] | None = None,
 ) -> EMResult:
     """EM from ``params`` until the mean log-likelihood changes by less than ``tol``.
 
     ``lower_bound`` is the value the first change is measured from (``-inf`` for a fresh start;
-    the previous fit's for a warm start).
+    the previous fit's for a warm start). ``start`` (with its M-step ``state``) continues a run
+    that stopped after ``start.n_iter`` iterations; ``on_iteration(result, state)`` is called
+    after every M-step.
     """
     monitor = monitor or Monitor()
-    state: dict = {}
-    result = EMResult(params=params, lower_bound=lower_bound)
-    for n_iter in range(1, max_iter + 1):
+    state = dict(state or {})
+    result = start if start is not None else EMResult(params=params, lower_bound=lower_bound,
+                                                      init=init)
+    params, lower_bound = result.params, result.lower_bound
+    while not _finished(result, max_iter):
         tic = time.perf_counter()
         stats = estep_pass(family, data, params, source=source, split_every=split_every,
                            client=client)
@@ -156,13 +206,14 @@ def run_em(
         previous, lower_bound = lower_bound, float(stats["loglik"] / stats["n"])
         change = lower_bound - previous
         result.lower_bounds.append(lower_bound)
-        result.params, result.lower_bound, result.n_iter = params, lower_bound, n_iter
+        result.params, result.lower_bound = params, lower_bound
+        result.n_iter += 1
+        result.converged = abs(change) < tol
         monitor.end_iteration(
-            IterationRecord(init, n_iter, lower_bound, change, time.perf_counter() - tic)
+            IterationRecord(init, result.n_iter, lower_bound, change, time.perf_counter() - tic)
         )
-        if abs(change) < tol:
-            result.converged = True
-            break
+        if on_iteration is not None:
+            on_iteration(result, state)
     return result
 
 
@@ -179,25 +230,43 @@ def fit_em(
     split_every: int | None = None,
     client=None,
     monitor: Monitor | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: Snapshot | None = None,
 ) -> EMResult:
     """Run EM from ``n_init`` initialisations and keep the one with the best final lower bound.
 
-    ``initialize(i)`` returns the starting parameters of restart ``i``. Warns with
+    ``initialize(i)`` returns the starting parameters of restart ``i``. With ``checkpoint``, a
+    snapshot is saved after each restart's initialisation, every ``checkpoint.every``
+    iterations, and when a restart ends; ``resume`` (a saved snapshot) continues from there,
+    and the result is the one an uninterrupted fit gives. Warns with
     :class:`~dmix.errors.ConvergenceWarning` when the kept run did not converge.
     """
     monitor = monitor or Monitor()
-    best: EMResult | None = None
-    for init in range(n_init):
+    best = resume.best if resume is not None else None
+    first = resume.restart if resume is not None else 0
+    for init in range(first, n_init):
         tic = time.perf_counter()
         monitor.begin_init(init)
-        result = run_em(
-            family, data, initialize(init), max_iter=max_iter, tol=tol, init=init,
-            lower_bound=lower_bound, source=source, split_every=split_every, client=client,
-            monitor=monitor,
-        )
-        monitor.end_init(init, result, time.perf_counter() - tic)
-        if best is None or result.lower_bound > best.lower_bound:
-            best = result
+        if resume is not None and init == resume.restart:
+            run, state = resume.run, resume.state
+        else:
+            run = EMResult(params=initialize(init), lower_bound=lower_bound, init=init)
+            state = {}
+            if checkpoint is not None:
+                checkpoint.save(Snapshot(init, run, state, best))
+
+        def save(result, state, init=init, best=best):
+            if checkpoint is not None and (
+                result.n_iter % checkpoint.every == 0 or _finished(result, max_iter)
+            ):
+                checkpoint.save(Snapshot(init, result, state, best))
+
+        run = run_em(family, data, run.params, max_iter=max_iter, tol=tol, init=init,
+                     source=source, split_every=split_every, client=client, monitor=monitor,
+                     start=run, state=state, on_iteration=save)
+        monitor.end_init(init, run, time.perf_counter() - tic)
+        if best is None or run.lower_bound > best.lower_bound:
+            best = run
     if not best.converged and max_iter > 0:
         warnings.warn(
             "Best performing initialization did not converge. Try different init parameters, "
