@@ -48,6 +48,8 @@ __all__ = [
     "Loaded",
     "check_compatible",
     "data_fingerprint",
+    "fingerprint_rows",
+    "group_name",
 ]
 
 #: The ``schema`` attribute of a checkpoint group; a loader exists for each version.

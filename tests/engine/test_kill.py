@@ -1,0 +1,160 @@
+"""A fit killed with SIGKILL at any moment, then resumed, ends with exactly the parameters of
+an uninterrupted fit with the same seed.
+
+The driver runs in a subprocess (the script below). It kills itself with SIGKILL at the n-th
+call of a chosen function: during an E-step, during the M-step, during the k-means
+initialisation of the second restart, and at every step of writing a checkpoint (among the
+arrays, before the attributes that mark the group complete, before ``LATEST`` moves, between
+writing the temporary ``LATEST`` and renaming it, before old groups are pruned). Another
+test kills it after random delays, several times in a row. Then the same command runs to
+the end and its parameters are compared bit for bit with an uninterrupted run's.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from dmix.datasets import make_mixture
+from dmix.io.checkpoint import CheckpointDir, group_name
+from dmix.io.store import write_blocks
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys, warnings
+    import dask
+    import numpy as np
+
+    dask.config.set(scheduler="threads", num_workers=2)
+    import zarr
+    import dmix
+    from dmix.engine import init as init_module
+    from dmix.families.gaussian import Gaussian
+    from dmix.io import checkpoint
+
+    data, ckpt, out, target, at = sys.argv[1:6]
+    at = int(at)
+    targets = {
+        "estep": (Gaussian, "estep"),
+        "mstep": (Gaussian, "mstep"),
+        "init": (init_module, "kmeans_centers"),
+        "array": (zarr.Group, "create_array"),
+        "attrs": (checkpoint, "_jsonable"),
+        "latest": (checkpoint.CheckpointDir, "_point_latest"),
+        "rename": (checkpoint.os, "replace"),
+        "prune": (checkpoint.CheckpointDir, "_prune"),
+    }
+    # Zarr's local store renames files too: count only the renames onto LATEST.
+    counts = {"rename": lambda args: str(args[1]).endswith("LATEST")}
+    if target != "none":
+        owner, name = targets[target]
+        original, calls = getattr(owner, name), [0]
+        counted = counts.get(target, lambda args: True)
+
+        def trap(*args, **kwargs):
+            calls[0] += counted(args)
+            if calls[0] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, trap)
+    warnings.simplefilter("ignore")
+    est = dmix.GaussianMixture(3, n_init=2, max_iter=6, tol=0, random_state=11,
+                               chunk_size=400, checkpoint=ckpt, checkpoint_keep=2)
+    est.fit(data, resume=True)
+    np.savez(out, lower_bounds=est.lower_bounds_, n_iter=est.n_iter_,
+             **{k: getattr(est, k) for k in %r})
+""" % (FITTED,))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    data = make_mixture(4000, 3, 3, seed=5)
+    path = str(root / "data.zarr")
+    write_blocks(path, 4000, 3, data.rows, 400, np.float64)
+    script = root / "driver.py"
+    script.write_text(DRIVER)
+    reference = _run(script, path, root / "ref-ckpt", root / "ref.npz", "none", 0)
+    assert reference.returncode == 0, reference.stderr
+    return script, path, np.load(root / "ref.npz")
+
+
+def _run(script, data, ckpt, out, target, at, timeout=120):
+    return subprocess.run([sys.executable, str(script), data, str(ckpt), str(out), target,
+                           str(at)], capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_equal(npz_path, reference):
+    got = np.load(npz_path)
+    for key in reference.files:
+        np.testing.assert_array_equal(got[key], reference[key], err_msg=key)
+
+
+# (function, which call, LATEST and the groups left by the kill): 10 blocks per pass,
+# 2 restarts x 6 iterations, a checkpoint after each initialisation and iteration, keep=2.
+MOMENTS = [
+    # in the E-step pass of iteration 4 of restart 1 (restart 0 made 60 calls)
+    ("estep", 95, 1, 3, [(1, 2), (1, 3)]),
+    # in the third M-step of restart 0
+    ("mstep", 3, 0, 2, [(0, 1), (0, 2)]),
+    # in k-means|| of restart 1
+    ("init", 2, 0, 6, [(0, 5), (0, 6)]),
+    # among the arrays of the group of iteration 4 (its 20th array overall)
+    ("array", 20, 0, 3, [(0, 2), (0, 3), (0, 4)]),
+    # the arrays of iteration 4 written, its attributes (``complete``) not yet
+    ("attrs", 5, 0, 3, [(0, 2), (0, 3), (0, 4)]),
+    # the group of iteration 1 of restart 1 complete, LATEST not yet written
+    ("latest", 9, 1, 0, [(0, 6), (1, 0), (1, 1)]),
+    # LATEST's temporary file for iteration 3 written, not yet renamed
+    ("rename", 4, 0, 2, [(0, 1), (0, 2), (0, 3)]),
+    # LATEST moved to iteration 5, the old groups not yet deleted
+    ("prune", 6, 0, 5, [(0, 3), (0, 4), (0, 5)]),
+]
+
+
+@pytest.mark.parametrize("target, at, restart, iteration, left", MOMENTS,
+                         ids=[m[0] for m in MOMENTS])
+def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, target, at, restart,
+                                                   iteration, left):
+    script, data, reference = setup
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
+    killed = _run(script, data, ckpt, out, target, at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    # The kill came at the intended moment.
+    directory = CheckpointDir(ckpt)
+    assert directory.latest_name() == group_name(restart, iteration)
+    assert directory.groups() == [group_name(*g) for g in left]
+    finished = _run(script, data, ckpt, out, "none", 0)
+    assert finished.returncode == 0, finished.stderr
+    _assert_equal(out, reference)
+    assert directory.groups() == [group_name(1, 5), group_name(1, 6)]
+
+
+def test_killed_at_random_moments_again_and_again(setup, tmp_path):
+    script, data, reference = setup
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
+    rng = np.random.default_rng(0)
+    kills = 0
+    for delay in rng.uniform(1.5, 3.5, size=4):
+        proc = subprocess.Popen([sys.executable, str(script), data, str(ckpt), str(out),
+                                 "none", "0"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        if out.exists():
+            break
+    if not out.exists():
+        assert _run(script, data, ckpt, out, "none", 0).returncode == 0
+    assert kills >= 1
+    _assert_equal(out, reference)
