@@ -8,7 +8,6 @@ Dask, Zarr and path inputs are streamed and array results come back as lazy Dask
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import numbers
 import os
@@ -16,6 +15,7 @@ import time
 
 import numpy as np
 
+from dmix._estimator_base import ParamsMixin, VerboseMonitor, check_number
 from dmix.engine import init as _init
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
 from dmix.engine.reduce import map_blocks, place_data, resolve_client
@@ -32,85 +32,7 @@ __all__ = ["GaussianMixture", "resume"]
 _INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 
 
-class _ParamsMixin:
-    """``get_params`` / ``set_params`` / ``repr`` by constructor introspection, as scikit-learn."""
-
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return sorted(p.name for p in sig.parameters.values() if p.name != "self")
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Parameters of this estimator, as given to the constructor."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor parameters; unknown names raise and list the valid ones."""
-        valid = self._param_names()
-        for key, value in params.items():
-            if key not in valid:
-                raise InvalidParameterError(
-                    f"Invalid parameter {key!r} for estimator {type(self).__name__}. "
-                    f"Valid parameters are: {valid!r}."
-                )
-            setattr(self, key, value)
-        return self
-
-    def __sklearn_tags__(self):
-        """Tags for scikit-learn's model selection tools (imported lazily: optional)."""
-        from sklearn.utils import Tags, TargetTags
-
-        return Tags(estimator_type="density_estimator", target_tags=TargetTags(required=False))
-
-    def __repr__(self) -> str:
-        defaults = {
-            p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
-        }
-        changed = [
-            f"{k}={v!r}" for k, v in self.get_params().items()
-            if not (v is defaults[k] or (np.isscalar(v) and np.isscalar(defaults[k])
-                                         and v == defaults[k]))
-        ]
-        return f"{type(self).__name__}({', '.join(changed)})"
-
-
-class _VerboseMonitor(Monitor):
-    """scikit-learn's verbose messages: per initialisation, and per iteration when verbose >= 2."""
-
-    def __init__(self, verbose: int, interval: int):
-        self.verbose, self.interval = verbose, interval
-
-    def begin_init(self, init):
-        if self.verbose:
-            print(f"Initialization {init}")
-
-    def end_iteration(self, r):
-        if self.verbose >= 2 and r.iteration % self.interval == 0:
-            print(f"  Iteration {r.iteration}\t time lapse {r.seconds:.5f}s\t ll change "
-                  f"{r.change:.5f}")
-
-    def end_init(self, init, result, seconds):
-        if self.verbose:
-            state = "converged" if result.converged else "did not converge"
-            print(f"Initialization {state}. time lapse {seconds:.5f}s\t lower bound "
-                  f"{result.lower_bound:.5f}.")
-
-
-def _check_number(owner, name, value, kind, low, closed_low=True):
-    ok_type = (
-        isinstance(value, numbers.Integral) if kind == "int" else isinstance(value, numbers.Real)
-    ) and not isinstance(value, bool)
-    ok = ok_type and (value >= low if closed_low else value > low)
-    if not ok:
-        bracket = "[" if closed_low else "("
-        kind_name = "an int" if kind == "int" else "a float"
-        raise InvalidParameterError(
-            f"The {name!r} parameter of {owner} must be {kind_name} in the range "
-            f"{bracket}{low}, inf). Got {value!r} instead."
-        )
-
-
-class GaussianMixture(_ParamsMixin):
+class GaussianMixture(ParamsMixin):
     """Gaussian mixture fitted by EM, streamed over row blocks.
 
     Parameters
@@ -220,15 +142,15 @@ default='full'
 
     def _check_parameters(self):
         name = type(self).__name__
-        _check_number(name, "n_components", self.n_components, "int", 1)
-        _check_number(name, "tol", self.tol, "float", 0)
-        _check_number(name, "reg_covar", self.reg_covar, "float", 0)
-        _check_number(name, "max_iter", self.max_iter, "int", 0)
-        _check_number(name, "n_init", self.n_init, "int", 1)
-        _check_number(name, "verbose", self.verbose, "int", 0)
-        _check_number(name, "verbose_interval", self.verbose_interval, "int", 1)
+        check_number(name, "n_components", self.n_components, "int", 1)
+        check_number(name, "tol", self.tol, "float", 0)
+        check_number(name, "reg_covar", self.reg_covar, "float", 0)
+        check_number(name, "max_iter", self.max_iter, "int", 0)
+        check_number(name, "n_init", self.n_init, "int", 1)
+        check_number(name, "verbose", self.verbose, "int", 0)
+        check_number(name, "verbose_interval", self.verbose_interval, "int", 1)
         if self.split_every is not None:
-            _check_number(name, "split_every", self.split_every, "int", 2)
+            check_number(name, "split_every", self.split_every, "int", 2)
         if self.persist not in ("auto", True, False):
             raise InvalidParameterError(
                 f"The 'persist' parameter of {name} must be 'auto', True or False. "
@@ -350,7 +272,7 @@ default='full'
         client = resolve_client(self.client)
         data = place_data(source.array, client, in_memory=source.in_memory,
                           persist=self.persist)
-        monitor = monitor or _VerboseMonitor(self.verbose, self.verbose_interval)
+        monitor = monitor or VerboseMonitor(self.verbose, self.verbose_interval)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
@@ -402,8 +324,8 @@ default='full'
         if self.checkpoint is None:
             return None
         name = type(self).__name__
-        _check_number(name, "checkpoint_every", self.checkpoint_every, "int", 1)
-        _check_number(name, "checkpoint_keep", self.checkpoint_keep, "int", 1)
+        check_number(name, "checkpoint_every", self.checkpoint_every, "int", 1)
+        check_number(name, "checkpoint_keep", self.checkpoint_keep, "int", 1)
         if not isinstance(self.checkpoint, str | os.PathLike):
             raise InvalidParameterError(
                 f"The 'checkpoint' parameter of {name} must be a path or URL (str). Got "
