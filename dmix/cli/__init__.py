@@ -1,4 +1,5 @@
-"""The ``dmix`` command: make data, fit, inspect, and a quickstart that does all three.
+"""The ``dmix`` command: make data, fit, resume, inspect, score, predict, sample, and a
+quickstart.
 
 ::
 
@@ -6,7 +7,12 @@
         --chunk-size C
     dmix fit DATA.zarr --n-components K --covariance-type full [--scheduler ADDRESS] \
         [--output MODEL_DIR]
+    dmix fit DATA.zarr -k K --checkpoint CKPT_DIR [--resume]
+    dmix resume CKPT_DIR [--max-iter N] [--scheduler ADDRESS] [--output MODEL_DIR]
     dmix info MODEL_DIR
+    dmix score DATA.zarr --model MODEL_DIR --output OUT.zarr
+    dmix predict DATA.zarr --model MODEL_DIR --output OUT.zarr [--proba]
+    dmix sample --model MODEL_DIR --n-samples N --output OUT.zarr
     dmix quickstart [--n-samples 200000 --n-features 8 --n-components 4 --out DIR]
 
 ``fit`` and ``quickstart`` start a ``distributed.LocalCluster`` in process (one single-threaded
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except DmixError as exc:
         _say(f"dmix {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `dmix info MODEL | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         _say(f"dmix {args.command}: interrupted", file=sys.stderr)
         return 130

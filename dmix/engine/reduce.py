@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import math
 import numbers
 import os
 import uuid
@@ -121,16 +120,18 @@ def _span(*tags):
 def map_blocks(data: da.Array, block_fn, *args, out_columns: int | None, dtype, label: str):
     """Lazily apply ``block_fn(block, *args, start=first_row, index=block_index)`` per row
     block; the result is (n, out_columns), or (n,) if ``out_columns`` is None."""
-    shared = dask.delayed(args, name=f"dmix-params-{next(_calls)}-{uuid.uuid4().hex[:8]}",
-                          traverse=False)
+    # map_blocks takes ``name`` as the exact key name: it must be unique per call, or two
+    # results (two models scoring the same data) would share keys and one would be wrong.
+    tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
+    shared = dask.delayed(args, name=f"dmix-params-{tag}", traverse=False)
     if out_columns is None:
         return data.map_blocks(
-            _apply, block_fn, shared, drop_axis=1, dtype=dtype, name=f"dmix-{label}",
+            _apply, block_fn, shared, drop_axis=1, dtype=dtype, name=f"dmix-{label}-{tag}",
             meta=np.empty((0,), dtype=dtype),
         )
     return data.map_blocks(
         _apply, block_fn, shared, chunks=(data.chunks[0], (out_columns,)), dtype=dtype,
-        name=f"dmix-{label}", meta=np.empty((0, 0), dtype=dtype),
+        name=f"dmix-{label}-{tag}", meta=np.empty((0, 0), dtype=dtype),
     )
 
 

@@ -195,6 +195,18 @@ def test_map_blocks_rows_and_columns():
     assert two.name.startswith("dmix-firsttwo")
 
 
+def test_map_blocks_calls_never_share_keys():
+    """Two results of the same function with other arguments are different graphs: their
+    difference is computed, not taken from one shared key."""
+    x, data = _data(UNEVEN)
+    a = map_blocks(data, lambda b, s, start, index: b.sum(axis=1) * s, 2.0, out_columns=None,
+                   dtype=np.float64, label="scaled")
+    b = map_blocks(data, lambda b, s, start, index: b.sum(axis=1) * s, 5.0, out_columns=None,
+                   dtype=np.float64, label="scaled")
+    assert a.name != b.name
+    np.testing.assert_allclose((b - a).compute(), 3.0 * x.sum(axis=1), rtol=1e-13)
+
+
 def test_task_prefixes_on_distributed(client):
     x, data = _data(UNEVEN)
     out = map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=3, client=client)
