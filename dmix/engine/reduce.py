@@ -185,5 +185,17 @@ def place_data(data: da.Array, client=None, in_memory: bool = False, persist="au
     if persist == "auto":
         persist = in_memory or data.nbytes <= fraction * _available_memory(client)
     if client is not None:
-        return client.persist(data) if persist else data
+        if not persist:
+            return data
+        # Wait for the blocks, then spread them evenly: tasks run where their block is, so a
+        # 7/3 split of 10 blocks on 2 workers would make every iteration 40% longer. Waiting
+        # also keeps the load out of the first iteration's time.
+        data = client.persist(data)
+        futures = client.futures_of(data)
+        from distributed import wait
+
+        with client.as_current():  # wait() finds its client through the current one
+            wait(futures)
+        client.rebalance(futures)
+        return data
     return data.persist() if persist and not in_memory else data
