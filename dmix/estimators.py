@@ -24,7 +24,7 @@ from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
 from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint
-from dmix.io.source import as_source
+from dmix.io.source import as_source, check_visible_to_workers
 from dmix.rng import seed_sequence_int
 
 __all__ = ["GaussianMixture", "resume"]
@@ -270,6 +270,7 @@ default='full'
         n_features = source.shape[1]
         user = self._check_user_init(family, n_features)
         client = resolve_client(self.client)
+        check_visible_to_workers(X, client)
         data = place_data(source.array, client, in_memory=source.in_memory,
                           persist=self.persist)
         monitor = monitor or VerboseMonitor(self.verbose, self.verbose_interval)
@@ -347,6 +348,8 @@ default='full'
         if loaded is not None and self.random_state is None:
             seed = int(loaded.attrs["seed"])  # an unseeded fit continues with its own seed
         location = os.fspath(X) if isinstance(X, str | os.PathLike) else None
+        if location is not None and "://" not in location:
+            location = os.path.abspath(location)  # resume may run from another directory
         fingerprint = data_fingerprint(data, source.description, location, client)
         must_match = {
             "estimator": type(self).__name__,

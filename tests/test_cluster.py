@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import yaml
 from dask.utils import parse_bytes
+from distributed import Client, LocalCluster
 
 import dmix
 from dmix.cli import build_parser, main
@@ -213,12 +214,9 @@ def test_dmix_fit_on_dask_scheduler_and_workers_equals_in_process_fit(
     assert len(client.scheduler_info()["workers"]) == 2  # the driver left the cluster as it was
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dmix bug: a relative data path is opened by the workers relative to their own working "
-    "directory; where that has no such store, zarr returns the fill value (0) for every "
-    "chunk and the fit sees only zeros"))
 def test_relative_data_path_with_workers_elsewhere(cli_cluster, data, reference, tmp_path):
-    # The driver runs beside the data; the workers run in another directory.
+    # The driver runs beside the data; the workers run in another directory (dmix makes the
+    # path absolute: zarr would read fill values (zeros) for a store it cannot find).
     assert not (cli_cluster.directory / data.name).exists()
     model = tmp_path / "model.zarr"
     _run([*DMIX, "fit", data.name, "--scheduler", cli_cluster.address, "-k", K, "--seed", 0,
@@ -504,3 +502,19 @@ def test_shell_scripts_and_python_files_compile():
     directives = re.findall(r"^#SBATCH (\S+)", sbatch, re.MULTILINE)
     assert "--requeue" in directives  # the job comes back after preemption ...
     assert any(d.startswith("--signal=B:USR1@") for d in directives)  # ... or its time limit
+
+
+def test_data_path_missing_on_the_workers_is_refused(tmp_path):
+    """A path the driver sees but the workers do not (here: removed after opening) is named
+    with the workers, instead of being read as zeros."""
+    import zarr
+
+    from dmix.io.source import check_visible_to_workers
+
+    path = tmp_path / "data.zarr"
+    zarr.create_array(str(path), data=np.ones((100, 2)))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        check_visible_to_workers(str(path), client)  # seen: no error
+        with pytest.raises(dmix.DataError, match="does not exist on 1 of 1 Dask worker"):
+            check_visible_to_workers(str(tmp_path / "elsewhere.zarr"), client)

@@ -16,7 +16,7 @@ import zarr
 
 from dmix.errors import DataError
 
-__all__ = ["Source", "as_source", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["DEFAULT_BLOCK_BYTES", "Source", "as_source", "check_visible_to_workers"]
 
 #: Target bytes of one row block when the caller gives no ``chunk_size``.
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -103,7 +103,13 @@ def _rows_only(x: da.Array, chunk_size) -> da.Array:
 
 
 def _open_zarr(path, component: str | None, storage_options: dict | None):
-    """Open a path or URL as a Zarr array; a group needs ``component`` or one obvious array."""
+    """Open a path or URL as a Zarr array; a group needs ``component`` or one obvious array.
+
+    A relative local path is made absolute first: workers on a cluster resolve paths against
+    their own working directory, where zarr would find no store and read fill values (zeros).
+    """
+    if "://" not in str(path):
+        path = os.path.abspath(os.fspath(path))
     desc = str(path)
     try:
         node = zarr.open(store=path, mode="r", path=component or "",
@@ -191,3 +197,19 @@ def as_source(
     # name=False: no hashing of the whole array to build a key.
     blocks = da.from_array(arr, chunks=(rows, arr.shape[1]), name=False)
     return Source(blocks, desc, in_memory=True, local=arr)
+
+
+def check_visible_to_workers(X, client) -> None:
+    """Raise :class:`~dmix.errors.DataError` if a local data path does not exist on every
+    worker of ``client``: zarr would read fill values (zeros) there instead of failing."""
+    if client is None or not isinstance(X, str | os.PathLike) or "://" in str(X):
+        return
+    path = os.path.abspath(os.fspath(X))
+    seen = client.run(os.path.exists, path)
+    missing = sorted(worker for worker, ok in seen.items() if not ok)
+    if missing:
+        raise DataError(
+            f"The data path {path!r} does not exist on {len(missing)} of {len(seen)} Dask "
+            f"worker(s) ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}). Put the "
+            "data on a filesystem every worker mounts at the same path, or use a URL."
+        )
