@@ -48,6 +48,7 @@ def test_resume_command_ends_as_the_uninterrupted_fit(data, cluster, tmp_path, c
                  resumed]) == 0
     out = capsys.readouterr().out
     assert "Resuming from the checkpoint init000-iter000002.zarr" in out
+    assert "Initialization 1/1 (resumed from the checkpoint)..." in out
     assert "Saved the model to" in out
     _same_model(resumed, whole)
 

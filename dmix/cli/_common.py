@@ -111,9 +111,12 @@ class ProgressMonitor(Monitor):
     def resumed(self, directory: str, name: str, init: int, iteration: int) -> None:
         self._print(f"Resuming from the checkpoint {name} in {directory}: initialization "
                     f"{init + 1}/{self.n_init} after iteration {iteration}")
+        self._resumed = init
 
     def begin_init(self, init: int) -> None:
         how = f" ({self.init_params})" if self.init_params else ""
+        if init == getattr(self, "_resumed", None):
+            how = " (resumed from the checkpoint)"
         self._print(f"Initialization {init + 1}/{self.n_init}{how}...")
         self._header = False
 
