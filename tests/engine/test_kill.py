@@ -81,9 +81,11 @@ def setup(tmp_path_factory):
     write_blocks(path, 4000, 3, data.rows, 400, np.float64)
     script = root / "driver.py"
     script.write_text(DRIVER)
+    tic = time.perf_counter()
     reference = _run(script, path, root / "ref-ckpt", root / "ref.npz", "none", 0)
+    seconds = time.perf_counter() - tic
     assert reference.returncode == 0, reference.stderr
-    return script, path, np.load(root / "ref.npz")
+    return script, path, np.load(root / "ref.npz"), seconds
 
 
 def _run(script, data, ckpt, out, target, at, timeout=120):
@@ -123,7 +125,7 @@ MOMENTS = [
                          ids=[m[0] for m in MOMENTS])
 def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, target, at, restart,
                                                    iteration, left):
-    script, data, reference = setup
+    script, data, reference, _ = setup
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     killed = _run(script, data, ckpt, out, target, at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -139,11 +141,12 @@ def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, target, at, r
 
 
 def test_killed_at_random_moments_again_and_again(setup, tmp_path):
-    script, data, reference = setup
+    script, data, reference, seconds = setup
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     rng = np.random.default_rng(0)
     kills = 0
-    for delay in rng.uniform(1.5, 3.5, size=4):
+    # Random moments within the time an uninterrupted run takes (start-up included).
+    for delay in rng.uniform(0.3, 0.9, size=4) * seconds:
         proc = subprocess.Popen([sys.executable, str(script), data, str(ckpt), str(out),
                                  "none", "0"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
