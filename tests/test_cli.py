@@ -70,6 +70,18 @@ def test_make_data_writes_the_array_and_the_truth(data_path, capsys, tmp_path):
     assert zarr.open_group(str(tmp_path / "f32.zarr"))["X"].dtype == np.float32
 
 
+@pytest.mark.parametrize("codec, compressor", [
+    ("none", None), ("zstd", "ZstdCodec"), ("blosc-lz4", "BloscCodec")])
+def test_make_data_codecs_store_the_same_values(tmp_path, codec, compressor):
+    out = str(tmp_path / f"{codec}.zarr")
+    assert main(["make-data", out, "-n", "3000", "-d", "3", "-k", "2", "--chunk-size", "1000",
+                 "--codec", codec]) == 0
+    x = zarr.open_array(out + "/X", mode="r")
+    assert [type(c).__name__ for c in x.compressors] == ([compressor] if compressor else [])
+    expected = make_mixture(3000, 3, 2, 0).rows(0, 3000)
+    np.testing.assert_array_equal(x[...], expected)
+
+
 def test_fit_on_a_scheduler_then_info(data_path, scheduler, capsys, tmp_path):
     model = tmp_path / "model"
     status, out, err = run(capsys, "fit", data_path, "--n-components", K, "--covariance-type",

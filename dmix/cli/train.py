@@ -10,6 +10,7 @@ import time
 import warnings
 
 import numpy as np
+import zarr
 
 from dmix.cli._common import (
     ProgressMonitor,
@@ -45,8 +46,17 @@ from dmix.rng import seed_sequence_int
 # -- make-data -------------------------------------------------------------------------------
 
 
+#: make-data's codecs. Float features barely compress (1.04x with zstd, 1.08x with blosc-lz4)
+#: and decompression cuts read throughput 2-5x (docs/bench_stream.json), so none is the default.
+CODECS = {
+    "none": lambda: None,
+    "zstd": lambda: "auto",  # zarr's default: zstd level 0
+    "blosc-lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+}
+
+
 def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | None,
-                   overwrite: bool, threads: int):
+                   overwrite: bool, threads: int, codec: str = "none"):
     """Write ``dataset`` to the group ``out``: array ``X`` block by block, group ``truth``."""
     d = dataset.n_features
     if chunk_size is None:  # about 16 MiB per chunk, at most all rows
@@ -54,7 +64,7 @@ def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | 
     group = create_group(out, overwrite=overwrite, what="a dataset")
     tic = time.perf_counter()
     x = write_blocks(group, dataset.n_samples, d, dataset.rows, chunk_size, dataset.dtype,
-                     shard_size, name="X", max_workers=threads)
+                     shard_size, name="X", max_workers=threads, compressors=CODECS[codec]())
     seconds = time.perf_counter() - tic
     write_params(group, "truth", dataset.params)
     group.attrs["dmix_dataset"] = {
@@ -79,7 +89,7 @@ def _cmd_make_data(args) -> int:
     dataset = make_mixture(args.n_samples, args.n_features, args.n_components, args.seed,
                            dtype=args.dtype, separation=args.separation)
     _write_dataset(args.out, dataset, args.chunk_size, args.shard_size, args.overwrite,
-                   args.threads)
+                   args.threads, args.codec)
     return 0
 
 
@@ -318,6 +328,9 @@ def add_commands(sub) -> None:
                         "(default %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=min(4, _cpu_count()), metavar="N",
                    help="blocks generated and written at once (default %(default)s)")
+    p.add_argument("--codec", choices=sorted(CODECS), default="none",
+                   help="compression of X (default %(default)s: float data barely compress and "
+                        "decompression slows every pass; see docs/bench_stream.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr group")
     p.set_defaults(func=_cmd_make_data)
 
