@@ -167,6 +167,15 @@ def _data_summary(source) -> str:
             f"{np.dtype(source.dtype).name}, {len(rows)} block(s) of up to {max(rows)} rows")
 
 
+def _finish(est, source, data: str, args) -> None:
+    """Print the result of a fit and save the model if ``--output`` asks for it."""
+    _print_result(est)
+    if args.output:
+        family, params, attrs = _model_contents(est, source, data)
+        save_model(args.output, family, params, attrs, overwrite=args.overwrite)
+        _say(f"Saved the model to {args.output}")
+
+
 def _cmd_fit(args) -> int:
     data = args.data if not args.array else f"{args.data.rstrip('/')}/{args.array}"
     source = as_source(data, chunk_size=args.chunk_size)
@@ -177,11 +186,7 @@ def _cmd_fit(args) -> int:
         est = _estimator(args, client)
         _fit(lambda monitor: est.fit(data, resume=args.resume, monitor=monitor), est.n_init,
              est.init_params)
-    _print_result(est)
-    if args.output:
-        family, params, attrs = _model_contents(est, source, data)
-        save_model(args.output, family, params, attrs, overwrite=args.overwrite)
-        _say(f"Saved the model to {args.output}")
+    _finish(est, source, data, args)
     return 0
 
 
@@ -207,11 +212,7 @@ def _cmd_resume(args) -> int:
         est = _fit(lambda monitor: dmix_resume(args.checkpoint, data, max_iter=args.max_iter,
                                                client=client, monitor=monitor),
                    loaded.attrs["options"]["n_init"], settings["init_params"])
-    _print_result(est)
-    if args.output:
-        family, params, attrs = _model_contents(est, source, data)
-        save_model(args.output, family, params, attrs, overwrite=args.overwrite)
-        _say(f"Saved the model to {args.output}")
+    _finish(est, source, data, args)
     return 0
 
 
