@@ -18,7 +18,7 @@ import numpy as np
 from dmix._estimator_base import ParamsMixin, VerboseMonitor, check_number
 from dmix.engine import init as _init
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
-from dmix.engine.reduce import map_blocks, place_data, resolve_client
+from dmix.engine.reduce import block_bytes_for, map_blocks, place_data, resolve_client
 from dmix.errors import DataError, DmixError, InvalidParameterError, NotFittedError
 from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
@@ -217,8 +217,8 @@ default='full'
                 "appropriate arguments before using this estimator."
             )
 
-    def _source(self, X, fitting=False):
-        source = as_source(X, chunk_size=self.chunk_size)
+    def _source(self, X, fitting=False, client=None):
+        source = as_source(X, chunk_size=self.chunk_size, block_bytes=block_bytes_for(client))
         n_samples, n_features = source.shape
         if fitting:
             if n_samples < self.n_components:
@@ -265,11 +265,11 @@ default='full'
         """
         self._check_parameters()
         ckpt = self._checkpoint_dir()  # an unwritable directory fails before anything runs
-        source = self._source(X, fitting=True)
+        client = resolve_client(self.client)
+        source = self._source(X, fitting=True, client=client)
         family = self._family
         n_features = source.shape[1]
         user = self._check_user_init(family, n_features)
-        client = resolve_client(self.client)
         check_visible_to_workers(X, client)
         data = place_data(source.array, client, in_memory=source.in_memory,
                           persist=self.persist)
@@ -427,8 +427,8 @@ default='full'
     def score(self, X, y=None):
         """Mean log-likelihood of the rows (one streamed pass for out-of-core input)."""
         self._check_is_fitted()
-        source = self._source(X)
         client = resolve_client(self.client)
+        source = self._source(X, client=client)
         stats = estep_pass(self._family, source.array, self._params, source=source.description,
                            split_every=self.split_every, client=client)
         return float(stats["loglik"] / stats["n"])

@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_SPLIT_EVERY",
+    "block_bytes_for",
     "map_blocks",
     "map_reduce",
     "place_data",
@@ -140,6 +141,18 @@ def _apply(block, block_fn, args, block_info=None):
     start = location.get("array-location", [(0, 0)])[0][0]
     index = location.get("chunk-location", (0,))[0]
     return block_fn(block, *args, start=start, index=index)
+
+
+def block_bytes_for(client, default: int = 32 * 2**20) -> int:
+    """Target bytes per row block: ``default``, or 1/16 of the smallest worker memory limit if
+    that is less. A worker holds the Python process (about 150 MB), the block it computes, a
+    few queued blocks and the E-step scratch; with 400 MB workers 32 MiB blocks come within
+    10 MB of the memory-warning threshold (60% of the limit), 25 MB blocks keep a margin."""
+    if client is None:
+        return default
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    limits = [x for x in limits if x]
+    return int(min(default, min(limits) // 16)) if limits else default
 
 
 def _available_memory(client) -> float:

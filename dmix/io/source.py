@@ -50,8 +50,9 @@ def _check_chunk_size(chunk_size) -> None:
         raise DataError(f"chunk_size must be a positive int or None. Got {chunk_size!r} instead.")
 
 
-def _default_rows(n_features: int, itemsize: int, multiple: int = 1) -> int:
-    rows = max(1, DEFAULT_BLOCK_BYTES // max(1, n_features * itemsize))
+def _default_rows(n_features: int, itemsize: int, multiple: int = 1,
+                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    rows = max(1, block_bytes // max(1, n_features * itemsize))
     return max(multiple, rows // multiple * multiple)
 
 
@@ -93,12 +94,12 @@ def _check_shape(shape: tuple, description: str) -> None:
         )
 
 
-def _rows_only(x: da.Array, chunk_size) -> da.Array:
+def _rows_only(x: da.Array, chunk_size, block_bytes: int) -> da.Array:
     rows = chunk_size if chunk_size is not None else "auto" if x.numblocks[0] == 1 else None
     if rows is None:
         return x.rechunk({1: -1}) if x.numblocks[1] > 1 else x
     if rows == "auto":
-        rows = _default_rows(x.shape[1], x.dtype.itemsize)
+        rows = _default_rows(x.shape[1], x.dtype.itemsize, block_bytes=block_bytes)
     return x.rechunk({0: rows, 1: -1})
 
 
@@ -137,6 +138,7 @@ def as_source(
     chunk_size: int | None = None,
     component: str | None = None,
     storage_options: dict | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> Source:
     """Validate ``X`` and return it as a row-chunked Dask array.
 
@@ -152,6 +154,9 @@ def as_source(
         Name of the array inside a Zarr group.
     storage_options : dict, optional
         Passed to fsspec for URLs.
+    block_bytes : int, default=DEFAULT_BLOCK_BYTES
+        Target bytes per block when ``chunk_size`` is not given (see
+        :func:`dmix.engine.reduce.block_bytes_for`).
 
     Returns
     -------
@@ -171,7 +176,8 @@ def as_source(
         _check_shape(X.shape, desc)
         dtype = _check_dtype(np.dtype(X.dtype), desc)
         stored = (X.shards or X.chunks)[0]
-        rows = chunk_size or _default_rows(X.shape[1], np.dtype(X.dtype).itemsize, stored)
+        rows = chunk_size or _default_rows(X.shape[1], np.dtype(X.dtype).itemsize, stored,
+                                           block_bytes)
         # Pass chunks explicitly: from_zarr would otherwise use the inner chunks of a shard.
         arr = da.from_zarr(X, chunks=(rows, X.shape[1]))
         return Source(arr if arr.dtype == dtype else arr.astype(dtype), desc, in_memory=False)
@@ -181,7 +187,7 @@ def as_source(
         if any(np.isnan(c).any() for c in X.chunks):
             raise DataError(f"{desc} has unknown chunk sizes; call compute_chunk_sizes() first.")
         dtype = _check_dtype(X.dtype, desc)
-        arr = _rows_only(X if X.dtype == dtype else X.astype(dtype), chunk_size)
+        arr = _rows_only(X if X.dtype == dtype else X.astype(dtype), chunk_size, block_bytes)
         return Source(arr, desc, in_memory=False)
 
     if type(X).__module__.split(".")[0] == "cupy":
@@ -193,7 +199,7 @@ def as_source(
     _check_shape(arr.shape, desc)
     dtype = _check_dtype(arr.dtype, desc)
     arr = arr.astype(dtype, copy=False)  # no copy for float32/float64; the input is never modified
-    rows = chunk_size or _default_rows(arr.shape[1], arr.dtype.itemsize)
+    rows = chunk_size or _default_rows(arr.shape[1], arr.dtype.itemsize, block_bytes=block_bytes)
     # name=False: no hashing of the whole array to build a key.
     blocks = da.from_array(arr, chunks=(rows, arr.shape[1]), name=False)
     return Source(blocks, desc, in_memory=True, local=arr)

@@ -432,3 +432,19 @@ def test_fit_score_predict_never_modify_the_store(tmp_path, client):
         with pytest.raises(ValueError, match="read-only"):
             arrays[0][0:1] = 0.0
     assert {p: _hash_tree(p) for p in stores} == before
+
+
+def test_default_blocks_follow_the_worker_memory_limit(client, dataset):
+    """Without chunk_size, blocks are 1/16 of the smallest worker limit when that is below
+    32 MiB (here 400 MB / 16 = 25 MB: 195,312 rows of 16 float64, rounded down to the stored
+    chunks), and 32 MiB without a cluster."""
+    from dmix.engine.reduce import block_bytes_for
+
+    assert block_bytes_for(None) == 32 * 2**20
+    assert block_bytes_for(client) == 400_000_000 // 16
+    est = dmix.GaussianMixture(2, client=client)
+    rows = est._source(str(dataset.zarr_path), fitting=True,
+                       client=client).array.chunks[0][0]
+    per_row = N_FEATURES * 8
+    assert rows % STORED_ROWS == 0
+    assert rows * per_row <= 400_000_000 // 16 < (rows + STORED_ROWS) * per_row
