@@ -238,7 +238,8 @@ default='full'
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar))
 
-    def fit(self, X, y=None, *, resume: bool = False, monitor: Monitor | None = None):
+    def fit(self, X, y=None, *, resume: bool = False, checkpoint=None,
+            monitor: Monitor | None = None):
         """Estimate the parameters with EM.
 
         Parameters
@@ -250,6 +251,9 @@ default='full'
             Continue from the latest checkpoint in ``checkpoint`` if there is one (else start
             afresh). The result is the one an uninterrupted fit gives. Without ``resume``, a
             ``checkpoint`` directory must hold no checkpoints.
+        checkpoint : str or os.PathLike, optional
+            The checkpoint directory of this call, in place of the ``checkpoint`` parameter
+            (``fit(X, checkpoint=DIR, resume=True)``).
         monitor : dmix.engine.Monitor, optional
             Receives a record per iteration (the CLI prints them); replaces the ``verbose``
             messages.
@@ -264,7 +268,8 @@ default='full'
             If ``resume`` finds a checkpoint written for other data or incompatible options.
         """
         self._check_parameters()
-        ckpt = self._checkpoint_dir()  # an unwritable directory fails before anything runs
+        # An unwritable directory fails before anything runs.
+        ckpt = self._checkpoint_dir(self.checkpoint if checkpoint is None else checkpoint)
         client = resolve_client(self.client)
         source = self._source(X, fitting=True, client=client)
         family = self._family
@@ -321,17 +326,17 @@ default='full'
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint_dir(self) -> CheckpointDir | None:
-        if self.checkpoint is None:
+    def _checkpoint_dir(self, checkpoint) -> CheckpointDir | None:
+        if checkpoint is None:
             return None
         name = type(self).__name__
         check_number(name, "checkpoint_every", self.checkpoint_every, "int", 1)
         check_number(name, "checkpoint_keep", self.checkpoint_keep, "int", 1)
-        if not isinstance(self.checkpoint, str | os.PathLike):
+        if not isinstance(checkpoint, str | os.PathLike):
             raise InvalidParameterError(
                 f"The 'checkpoint' parameter of {name} must be a path or URL (str). Got "
-                f"{self.checkpoint!r} instead.")
-        ckpt = CheckpointDir(self.checkpoint, every=self.checkpoint_every,
+                f"{checkpoint!r} instead.")
+        ckpt = CheckpointDir(checkpoint, every=self.checkpoint_every,
                              keep=self.checkpoint_keep)
         ckpt.check_writable()
         return ckpt

@@ -209,3 +209,12 @@ def test_bad_checkpoint_parameters(X, tmp_path, bad):
     opts = {"checkpoint": str(tmp_path / "ck"), **bad}
     with pytest.raises(dmix.InvalidParameterError, match=next(iter(bad))):
         dmix.GaussianMixture(2, **opts).fit(X)
+
+
+def test_checkpoint_given_to_fit(X, tmp_path):
+    whole = _model(n_init=1, tol=0, max_iter=4).fit(X)
+    est = _model(n_init=1, tol=0, max_iter=2)
+    est.fit(X, checkpoint=str(tmp_path / "ck"))
+    assert est.checkpoint is None  # the constructor parameter is left alone
+    est.set_params(max_iter=4)
+    assert_same_fit(est.fit(X, checkpoint=tmp_path / "ck", resume=True), whole)
