@@ -500,6 +500,8 @@ def resume(checkpoint, data=None, *, max_iter=None, client=None, monitor: Monito
         data must be passed again).
     max_iter : int, optional
         A new iteration limit per initialisation (default: the one of the interrupted fit).
+        It applies to the restart in progress and the later ones; restarts that had already
+        ended are not continued.
     client : distributed.Client, optional
         The cluster to continue on (default: the current default client, else local).
     monitor : dmix.engine.Monitor, optional
