@@ -7,7 +7,6 @@ Dask, Zarr and path inputs are streamed and array results come back as lazy Dask
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import os
@@ -23,7 +22,7 @@ from dmix.errors import DataError, DmixError, InvalidParameterError, NotFittedEr
 from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
-from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint
+from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint, digest
 from dmix.io.source import as_source, check_visible_to_workers
 from dmix.rng import seed_sequence_int
 
@@ -362,8 +361,7 @@ default='full'
             "n_init": n_init,
             "init_params": self.init_params,
             "seed": str(seed),
-            "user_init": {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-                          for k, v in sorted(user.items())},
+            "user_init": {k: digest(v) for k, v in sorted(user.items())},
         }
         spec = family_spec(family)
         if loaded is not None:

@@ -53,7 +53,7 @@ def test_resume_command_ends_as_the_uninterrupted_fit(data, cluster, tmp_path, c
     _same_model(resumed, whole)
 
 
-def test_fit_resume_flag_continues_a_killed_job(data, cluster, tmp_path):
+def test_fit_resume_flag_on_a_finished_fit_gives_its_model(data, cluster, tmp_path):
     whole, again, ckpt = (str(tmp_path / n) for n in ("whole", "again", "ckpt"))
     assert _fit(data, cluster, "--max-iter", "4", "-o", whole) == 0
     assert _fit(data, cluster, "--max-iter", "4", "--checkpoint", ckpt) == 0

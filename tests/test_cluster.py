@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -487,7 +486,6 @@ def test_dask_scheduler_and_worker_command_lines_in_cluster_parse():
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_shell_scripts_and_python_files_compile():
     scripts = _files(".sh", ".sbatch")
     assert len(scripts) >= 2

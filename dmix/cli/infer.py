@@ -346,6 +346,9 @@ def _add_io_options(p, *, data: bool) -> None:
         p.add_argument("data", metavar="DATA.zarr", help="path or URL of a Zarr array or group")
         p.add_argument("--array", metavar="NAME",
                        help="the array inside the group DATA (default: X, or its only array)")
+        p.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
+                       help="rows per block and per stored chunk of the output (default: a "
+                            "multiple of the stored chunks near 32 MiB)")
     p.add_argument("--model", "-m", required=True, metavar="MODEL_DIR",
                    help="a model saved by `dmix fit --output`")
     p.add_argument("--output", "-o", required=True, metavar="OUT.zarr",
@@ -364,9 +367,6 @@ def add_commands(sub) -> None:
                     "group OUT (array log_density, float64) and print the mean "
                     "log-likelihood per row (GaussianMixture.score).")
     _add_io_options(p, data=True)
-    p.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
-                   help="rows per block and per stored chunk of the output (default: a "
-                        "multiple of the stored chunks near 32 MiB)")
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_score)
 
@@ -378,9 +378,6 @@ def add_commands(sub) -> None:
     _add_io_options(p, data=True)
     p.add_argument("--proba", action="store_true",
                    help="also write the responsibilities (n x K)")
-    p.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
-                   help="rows per block and per stored chunk of the output (default: a "
-                        "multiple of the stored chunks near 32 MiB)")
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_predict)
 

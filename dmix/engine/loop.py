@@ -249,6 +249,9 @@ def fit_em(
         monitor.begin_init(init)
         if resume is not None and init == resume.restart:
             run, state = resume.run, resume.state
+            # A resume may bring a larger tol: the last recorded change then meets it.
+            bounds = run.lower_bounds
+            run.converged |= len(bounds) >= 2 and abs(bounds[-1] - bounds[-2]) < tol
         else:
             run = EMResult(params=initialize(init), lower_bound=lower_bound, init=init)
             state = {}

@@ -48,6 +48,7 @@ __all__ = [
     "Loaded",
     "check_compatible",
     "data_fingerprint",
+    "digest",
     "fingerprint_rows",
     "group_name",
 ]
@@ -70,7 +71,8 @@ def _sort_key(name: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _digest(array: np.ndarray) -> str:
+def digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (hex)."""
     a = np.ascontiguousarray(array)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
@@ -110,7 +112,7 @@ def data_fingerprint(array, description: str, location: str | None = None,
         "source": description,
         "location": location,
         "sample_rows": len(rows),
-        "sample_sha256": _digest(np.asarray(sample)),
+        "sample_sha256": digest(np.asarray(sample)),
     }
 
 
@@ -271,7 +273,7 @@ class CheckpointDir:
             "run": _run_attrs(snapshot.run),
             "best": None if snapshot.best is None else _run_attrs(snapshot.best),
             "state_keys": sorted(snapshot.state),
-            "checksums": {k: _digest(v) for k, v in arrays.items()},
+            "checksums": {k: digest(v) for k, v in arrays.items()},
             "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "complete": True,
         }
@@ -328,12 +330,12 @@ class CheckpointDir:
         if attrs.get("schema") != CHECKPOINT_SCHEMA:
             raise ValueError(f"its schema is {attrs.get('schema')!r}, not {CHECKPOINT_SCHEMA!r}")
         arrays = {}
-        for path, digest in attrs["checksums"].items():
+        for path, expected in attrs["checksums"].items():
             try:
                 value = np.asarray(group[path][...])
             except Exception as exc:  # noqa: BLE001 - any failure to read is corruption
                 raise ValueError(f"its array {path!r} cannot be read ({exc})") from None
-            if _digest(value) != digest:
+            if digest(value) != expected:
                 raise ValueError(f"its array {path!r} does not match its checksum")
             arrays[path] = value
 

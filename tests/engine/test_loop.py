@@ -13,6 +13,7 @@ import warnings
 
 import dask
 import dask.array as da
+import distributed  # a core dependency: its absence must fail, not skip
 import numpy as np
 import pytest
 import sklearn.exceptions
@@ -22,8 +23,6 @@ from dmix.engine.init import initial_params
 from dmix.engine.loop import EMResult, Monitor, fit_em, run_em
 from dmix.families.gaussian import Gaussian
 from dmix.io.source import as_source
-
-import distributed  # a core dependency: its absence must fail, not skip
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical", "tied_diag", "tied_spherical"]
 FITTED = ["weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"]

@@ -7,6 +7,7 @@ import re
 
 import dask
 import dask.array as da
+import distributed  # a core dependency: its absence must fail, not skip
 import numpy as np
 import pytest
 
@@ -17,8 +18,6 @@ from dmix.engine.reduce import (
     resolve_client,
     tree_depth,
 )
-
-import distributed  # a core dependency: its absence must fail, not skip
 
 KEY = re.compile(r"^dmix-(?P<label>[a-z]+)-(?P<call>\d+-[0-9a-f]{8})(?:-(?P<rest>[\d-]+))?$")
 

@@ -181,10 +181,23 @@ def test_other_data_are_refused(X, tmp_path):
 
 
 def test_changed_max_iter_tol_and_chunks_are_allowed(X, tmp_path):
-    _model(tmp_path / "ck", n_init=1, max_iter=2).fit(X)
-    est = _model(tmp_path / "ck", n_init=1, max_iter=3, tol=1e-2, chunk_size=1000).fit(
+    first = _model(tmp_path / "ck", n_init=1, max_iter=2, tol=0).fit(X)
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck2")
+    est = _model(tmp_path / "ck", n_init=1, max_iter=5, tol=1e-4, chunk_size=1000).fit(
         X, resume=True)
-    assert est.n_iter_ <= 3
+    # The same fit made in one go with the new options: other chunks change only rounding.
+    whole = _model(n_init=1, max_iter=5, tol=1e-4).fit(X)
+    assert est.lower_bounds_[:2] == first.lower_bounds_
+    assert est.n_iter_ == whole.n_iter_ == 3 and est.converged_ and whole.converged_
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(est, name), getattr(whole, name), rtol=1e-10,
+                                   err_msg=name)
+    # A tol that the last recorded change already meets: converged, no further iteration.
+    monitor = Counter()
+    done = _model(tmp_path / "ck2", n_init=1, max_iter=5, tol=1e-2).fit(
+        X, resume=True, monitor=monitor)
+    assert monitor.iterations == [] and done.converged_ and done.n_iter_ == 2
+    assert_same_fit(done, _model(n_init=1, max_iter=5, tol=1e-2).fit(X))
 
 
 def test_unwritable_checkpoint_fails_before_reading_the_data(tmp_path):
