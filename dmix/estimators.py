@@ -17,7 +17,13 @@ import numpy as np
 from dmix._estimator_base import ParamsMixin, VerboseMonitor, check_number
 from dmix.engine import init as _init
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
-from dmix.engine.reduce import block_bytes_for, map_blocks, place_data, resolve_client
+from dmix.engine.reduce import (
+    block_bytes_for,
+    map_blocks,
+    place_data,
+    resolve_client,
+    worker_slots,
+)
 from dmix.errors import DataError, DmixError, InvalidParameterError, NotFittedError
 from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
@@ -217,7 +223,8 @@ default='full'
             )
 
     def _source(self, X, fitting=False, client=None):
-        source = as_source(X, chunk_size=self.chunk_size, block_bytes=block_bytes_for(client))
+        source = as_source(X, chunk_size=self.chunk_size, block_bytes=block_bytes_for(client),
+                           slots=worker_slots(client))
         n_samples, n_features = source.shape
         if fitting:
             if n_samples < self.n_components:

@@ -6,6 +6,8 @@ for what the array API lacks (``logsumexp``) or spells differently between backe
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "is_cupy",
     "logsumexp",
     "normalize_log",
+    "quiet_nonfinite",
     "to_host",
 ]
 
@@ -45,6 +48,18 @@ def asarray_f64(x, xp):
     return xp.asarray(x, dtype=xp.float64)
 
 
+def quiet_nonfinite(xp):
+    """A context in which NumPy does not warn about inf or nan arising in arithmetic.
+
+    The E-step counts rows whose log-density is not finite and raises an error naming them;
+    NumPy's RuntimeWarnings about the same rows would only be noise before it. (CuPy does not
+    warn.)
+    """
+    if xp is np:
+        return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+    return contextlib.nullcontext()
+
+
 def logsumexp(a, axis: int, xp):
     """``log(sum(exp(a), axis))`` with the maximum subtracted first.
 
@@ -69,6 +84,7 @@ class Workspace:
 
     def __init__(self):
         self._flat: dict = {}
+        self._memo: dict = {}
 
     def take(self, name: str, shape: tuple, xp, dtype=None):
         """An uninitialised array of ``shape`` backed by the buffer called ``name``."""
@@ -82,18 +98,31 @@ class Workspace:
             self._flat[name] = buf
         return buf[:size].reshape(shape)
 
+    def memo(self, name: str, key, compute):
+        """``compute()``, cached until it is asked for with another ``key`` object.
 
-def normalize_log(wlp, out, xp):
+        Per-parameter constants (precision matrices, coefficient tables) are computed once per
+        block, not once per sub-batch: the engine passes the same parameters object to every
+        sub-batch, and identity (``is``) decides whether the cached value still holds.
+        """
+        held = self._memo.get(name)
+        if held is None or held[0] is not key:
+            held = (key, compute())
+            self._memo[name] = held
+        return held[1]
+
+
+def normalize_log(wlp, out, xp, axis: int = 1):
     """Responsibilities and log-normaliser from weighted log-probabilities, in one sweep.
 
-    ``out[i] = exp(wlp[i] - logsumexp(wlp[i]))`` is written into ``out`` (may be ``wlp``
-    itself); returns ``logsumexp(wlp, axis=1)``. A row whose entries are all ``-inf`` or contain
-    ``nan`` gives a non-finite log-normaliser, which the caller counts.
+    Along ``axis`` (the components), ``out = exp(wlp - logsumexp(wlp))`` is written into
+    ``out`` (may be ``wlp`` itself); returns ``logsumexp(wlp, axis)``. A row whose entries are
+    all ``-inf`` or contain ``nan`` gives a non-finite log-normaliser, which the caller counts.
     """
-    amax = xp.max(wlp, axis=1)
+    amax = xp.max(wlp, axis=axis, keepdims=True)
     amax = xp.where(xp.isfinite(amax), amax, 0.0)
-    xp.subtract(wlp, amax[:, None], out=out)
+    xp.subtract(wlp, amax, out=out)
     xp.exp(out, out=out)
-    total = xp.sum(out, axis=1)
-    out /= total[:, None]
-    return xp.log(total) + amax
+    total = xp.sum(out, axis=axis, keepdims=True)
+    out /= total
+    return xp.squeeze(xp.log(total) + amax, axis=axis)

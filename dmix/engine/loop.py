@@ -34,7 +34,12 @@ __all__ = [
     "run_em",
 ]
 
-#: Target bytes of E-step temporaries per sub-batch inside a block (fits in cache-friendly sizes).
+#: Rows per E-step sub-batch inside a block. Measured on the Gaussian family (1 core, D = 16..64,
+#: K = 16..32): 1024-4096 rows are within 10% of the best; 256 rows are up to 40% slower (small
+#: matrix products), 20,000 rows 30% slower (temporaries fall out of cache).
+SUBBATCH_ROWS = 2048
+
+#: Cap on the bytes of E-step temporaries per sub-batch, for families with large per-row ones.
 SUBBATCH_BYTES = 32 * 2**20
 
 
@@ -79,9 +84,9 @@ class Monitor:
 
 
 def batch_rows(family, n_features: int, n_components: int) -> int:
-    """Rows per sub-batch so that E-step temporaries stay near :data:`SUBBATCH_BYTES`."""
+    """Rows per sub-batch: :data:`SUBBATCH_ROWS`, fewer if temporaries pass :data:`SUBBATCH_BYTES`."""
     per_row = max(1, family.temp_bytes_per_row(n_features, n_components))
-    return max(64, SUBBATCH_BYTES // per_row)
+    return max(64, min(SUBBATCH_ROWS, SUBBATCH_BYTES // per_row))
 
 
 def nonfinite_error(x, start: int, index: int, source: str, n_bad: int) -> DataError:
@@ -103,13 +108,13 @@ def nonfinite_error(x, start: int, index: int, source: str, n_bad: int) -> DataE
 
 def apply_batched(x, fn, family, params, n_components: int, *, start: int = 0, index: int = 0,
                   source: str = "the input"):
-    """``fn(params, x_batch, xp)`` over sub-batches of ``x``, concatenated along rows.
+    """``fn(params, x_batch, xp, workspace)`` over sub-batches of ``x``, concatenated along rows.
 
     Raises :class:`~dmix.errors.DataError` naming the chunk and rows if a result is not finite.
     """
-    xp = get_namespace(x)
+    xp, ws = get_namespace(x), Workspace()
     rows = batch_rows(family, x.shape[1], n_components)
-    out = [fn(params, x[lo : lo + rows], xp) for lo in range(0, max(1, x.shape[0]), rows)]
+    out = [fn(params, x[lo : lo + rows], xp, ws) for lo in range(0, max(1, x.shape[0]), rows)]
     out = out[0] if len(out) == 1 else xp.concatenate(out)
     finite = xp.isfinite(out) if out.ndim == 1 else xp.all(xp.isfinite(out), axis=1)
     n_bad = int(out.shape[0] - int(xp.count_nonzero(finite)))

@@ -31,6 +31,7 @@ __all__ = [
     "place_data",
     "resolve_client",
     "tree_depth",
+    "worker_slots",
 ]
 
 DEFAULT_SPLIT_EVERY = 16
@@ -153,6 +154,14 @@ def block_bytes_for(client, default: int = 32 * 2**20) -> int:
     limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
     limits = [x for x in limits if x]
     return int(min(default, min(limits) // 16)) if limits else default
+
+
+def worker_slots(client) -> int:
+    """Worker threads of ``client``'s cluster (1 without a client): default blocks come in a
+    multiple of it, so that no thread idles while another finishes a pass."""
+    if client is None:
+        return 1
+    return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
 
 
 def _available_memory(client) -> float:

@@ -54,10 +54,10 @@ class Family(Protocol):
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
         """New parameters from the reduced statistics. Runs on the driver."""
 
-    def log_density(self, params: Params, x, xp):
+    def log_density(self, params: Params, x, xp, workspace=None):
         """``log p(x)`` per row, shape (n,)."""
 
-    def predict_proba(self, params: Params, x, xp):
+    def predict_proba(self, params: Params, x, xp, workspace=None):
         """Posterior component probabilities per row, shape (n, K)."""
 
     def n_parameters(self, params: Params) -> int:

@@ -25,6 +25,19 @@ shift ``c`` (``dmix.families.gaussian`` picks it), so distances never suffer the
 of raw coordinates far from the origin. Statistics are second moments about ``c``:
 ``s2 = sum_i r_ik xc_i xc_i^T`` (reduced as the structure needs), and the M-step turns them into
 covariances with ``b_k = s1_k / N_k = mu_k - c`` (shared/notes/model-math.md section 1.3).
+
+The E-step works on the expanded form. With ``P_k`` the precision, a Gaussian log-density is
+linear in the row statistics ``T(x) = [1, x, Q(x)]``, where ``Q`` holds the distinct quadratic
+terms the structure needs (``x_a x_b`` for ``a <= b`` when full or tied, ``x_a^2`` when
+diagonal, ``|x|^2`` when spherical)::
+
+    (x - mu)^T P (x - mu) = coef . Q(x) - 2 (P mu) . x + mu^T P mu
+
+so one matrix product gives the log-densities of a sub-batch for all components, and one more,
+``T^T R``, all of its statistics (``Q`` summed with the responsibilities is the second moment,
+packed). Each structure answers ``n_quadratic``, ``quadratic_features``, ``expansion`` and
+``from_quadratic``; ``mahalanobis`` is the direct form ``|U^T (x - mu)|^2``, the reference and
+the fallback where the expansion would round badly (see ``dmix.families.gaussian``).
 """
 
 from __future__ import annotations
@@ -39,10 +52,6 @@ from dmix.xp import Workspace
 __all__ = ["COVARIANCE_TYPES", "get_covariance"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-#: Largest squared whitened distance ``p |mu_k - c|^2`` of a mean from the shift for which the
-#: diagonal types expand distances (rounding ~ eps * this, relative to distances of order D).
-_EXPANSION_LIMIT = 1e5
 
 ILL_DEFINED = (
     "Fitting the mixture model failed because {what} has an ill-defined empirical covariance "
@@ -109,6 +118,15 @@ def _row_sq_norms(y, xp, ws):
     return xp.einsum("nkd,nkd->nk", y, y, out=ws.take("nk", (n, k), xp))
 
 
+def _unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
+    """(..., D, D) symmetric matrices from their upper triangles in ``np.triu_indices`` order."""
+    rows, cols = np.triu_indices(d)
+    out = np.empty((*packed.shape[:-1], d, d))
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
+
+
 def _squares(xc, xp, ws):
     """``xc * xc`` in the workspace buffer ``"xsq"``."""
     return xp.multiply(xc, xc, out=(ws or Workspace()).take("xsq", xc.shape, xp))
@@ -151,6 +169,22 @@ class _Covariance:
         """The additive second-order statistic of a block (shape in the module table)."""
         raise NotImplementedError
 
+    def n_quadratic(self, n_features: int) -> int:
+        """Number of rows ``m`` of the quadratic statistics ``Q(x)``."""
+        raise NotImplementedError
+
+    def quadratic_features(self, xt, out, xp) -> None:
+        """Write ``Q(x)`` (m, n) into ``out`` for centred rows given as columns ``xt`` (D, n)."""
+        raise NotImplementedError
+
+    def expansion(self, prec_chol: np.ndarray, means_c: np.ndarray):
+        """``(coef, pmu)``: ``x^T P_k x = coef[k] . Q(x)`` (K, m) and ``P_k mu_k`` (K, D)."""
+        raise NotImplementedError
+
+    def from_quadratic(self, q: np.ndarray) -> np.ndarray:
+        """The statistic ``s2`` (module table) from ``q = sum_i Q(x_i) r_i^T`` (m, K)."""
+        raise NotImplementedError
+
     def estimate(self, nk, b, s2, reg_covar: float) -> np.ndarray:
         """Covariances from ``nk`` (K,), ``b = s1 / nk`` (K, D) and ``s2``, plus ``reg_covar``."""
         raise NotImplementedError
@@ -187,10 +221,6 @@ class _Covariance:
         out += xp.asarray(self.log_det(prec_chol, d))
         return out
 
-    def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
-        """Bytes of E-step temporaries per row (for sizing sub-batches)."""
-        return 8 * (4 * n_components + 2 * n_features)
-
     def __repr__(self) -> str:
         return f"<covariance {self.name!r}>"
 
@@ -225,6 +255,28 @@ class Full(_Covariance):
         xp.matmul(lhs, rhs, out=xp.reshape(y, (n, k * d)))
         return _row_sq_norms(y, xp, ws)
 
+    def n_quadratic(self, n_features):
+        return n_features * (n_features + 1) // 2
+
+    def quadratic_features(self, xt, out, xp):
+        # Rows x_a x_b, b >= a, in np.triu_indices order: one broadcast product per a.
+        d, o = xt.shape[0], 0
+        for a in range(d):
+            xp.multiply(xt[a], xt[a:], out=out[o : o + d - a])
+            o += d - a
+
+    def expansion(self, prec_chol, means_c):
+        k, d = means_c.shape
+        prec = np.broadcast_to(self.precisions(prec_chol), (k, d, d))
+        rows, cols = np.triu_indices(d)
+        # Off-diagonal terms appear twice in x^T P x.
+        coef = prec[:, rows, cols] * np.where(rows == cols, 1.0, 2.0)
+        return coef, np.einsum("kab,kb->ka", prec, means_c)
+
+    def from_quadratic(self, q):
+        d = int(round((math.sqrt(8 * q.shape[0] + 1) - 1) / 2))
+        return _unpack_symmetric(q.T, d)
+
     def second_moment(self, resp, xc, xp, ws=None):
         ws = ws or Workspace()
         n, d = xc.shape
@@ -255,8 +307,6 @@ class Full(_Covariance):
     def dense(self, covariances, n_components, n_features):
         return np.asarray(covariances, dtype=np.float64)
 
-    def temp_bytes_per_row(self, n_features, n_components):
-        return 8 * (3 * n_components * n_features + 4 * n_components + 2 * n_features)
 
 
 class Tied(Full):
@@ -285,6 +335,9 @@ class Tied(Full):
         # sum_k sum_i r_ik xc_i xc_i^T = sum_i xc_i xc_i^T, since sum_k r_ik = 1.
         return xc.T @ xc
 
+    def from_quadratic(self, q):
+        return super().from_quadratic(np.sum(q, axis=1, keepdims=True))[0]
+
     def estimate(self, nk, b, s2, reg_covar):
         cov = (s2 - (nk[:, None] * b).T @ b) / np.sum(nk)
         return _add_to_diagonal(_symmetrize(cov), reg_covar)
@@ -295,8 +348,6 @@ class Tied(Full):
     def dense(self, covariances, n_components, n_features):
         return np.broadcast_to(covariances, (n_components, n_features, n_features)).copy()
 
-    def temp_bytes_per_row(self, n_features, n_components):
-        return 8 * (n_components * n_features + 4 * n_components + 3 * n_features)
 
 
 class Diag(_Covariance):
@@ -319,24 +370,24 @@ class Diag(_Covariance):
         ws = ws or Workspace()
         n, d = xc.shape
         k = means_c.shape[0]
-        p_host = self._precision_rows(np.asarray(prec_chol), k, d)
-        p = xp.asarray(p_host)
-        far = float(np.max(np.sum(np.asarray(means_c) ** 2 * p_host, axis=1)))
-        if far > _EXPANSION_LIMIT:
-            # A component far from the shift (in its own units): the expansion below would
-            # cancel terms ~far against distances ~D, so take x - mu directly.
-            y = ws.take("nkd", (n, k, d), xp)
-            xp.subtract(xc[:, None, :], means_c[None, :, :], out=y)
-            y *= xp.sqrt(p)[None, :, :]
-            return _row_sq_norms(y, xp, ws)
-        # Expansion sum_d p (x - mu)^2 = x^2 p - 2 x (mu p) + mu^2 p: two GEMMs, 12x faster than
-        # the direct form at D = K = 16. Safe for centred data near the components; clipped at
-        # 0 against rounding for rows on top of a mean.
-        maha = xp.matmul(_squares(xc, xp, ws), p.T, out=ws.take("nk", (n, k), xp))
-        cross = xp.matmul(xc, (-2.0 * means_c * p).T, out=ws.take("nk2", (n, k), xp))
-        maha += cross
-        maha += xp.sum(means_c * means_c * p, axis=1)
-        return xp.maximum(maha, 0.0, out=maha)
+        sd = xp.asarray(np.sqrt(self._precision_rows(np.asarray(prec_chol), k, d)))
+        y = ws.take("nkd", (n, k, d), xp)
+        xp.subtract(xc[:, None, :], means_c[None, :, :], out=y)
+        y *= sd[None, :, :]
+        return _row_sq_norms(y, xp, ws)
+
+    def n_quadratic(self, n_features):
+        return n_features
+
+    def quadratic_features(self, xt, out, xp):
+        xp.multiply(xt, xt, out=out)
+
+    def expansion(self, prec_chol, means_c):
+        p = self._precision_rows(prec_chol, *means_c.shape)
+        return p, p * means_c
+
+    def from_quadratic(self, q):
+        return q.T
 
     def second_moment(self, resp, xc, xp, ws=None):
         return resp.T @ _squares(xc, xp, ws)
@@ -380,6 +431,19 @@ class Spherical(Diag):
     def second_moment(self, resp, xc, xp, ws=None):
         return resp.T @ xp.sum(_squares(xc, xp, ws), axis=1)
 
+    def n_quadratic(self, n_features):
+        return 1
+
+    def quadratic_features(self, xt, out, xp):
+        xp.einsum("dn,dn->n", xt, xt, out=out[0])
+
+    def expansion(self, prec_chol, means_c):
+        p = self._precision_rows(prec_chol, *means_c.shape)
+        return p[:, :1], p * means_c
+
+    def from_quadratic(self, q):
+        return q[0]
+
     def estimate(self, nk, b, s2, reg_covar):
         return (s2 / nk - np.sum(b * b, axis=1)) / b.shape[1] + reg_covar
 
@@ -403,6 +467,9 @@ class TiedDiag(Diag):
     def second_moment(self, resp, xc, xp, ws=None):
         return xp.sum(_squares(xc, xp, ws), axis=0)
 
+    def from_quadratic(self, q):
+        return np.sum(q, axis=1)
+
     def estimate(self, nk, b, s2, reg_covar):
         return (s2 - np.sum(nk[:, None] * b * b, axis=0)) / np.sum(nk) + reg_covar
 
@@ -425,6 +492,9 @@ class TiedSpherical(Spherical):
 
     def second_moment(self, resp, xc, xp, ws=None):
         return xp.sum(_squares(xc, xp, ws))
+
+    def from_quadratic(self, q):
+        return np.sum(q)
 
     def estimate(self, nk, b, s2, reg_covar):
         d = b.shape[1]

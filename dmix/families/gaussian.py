@@ -11,6 +11,15 @@ before the pass, close to the data mean, so nothing cancels for data far from th
     s1  (K, D)                  sum_i r_ik (x_i - c)
     s2  (covariance-shaped)     second moments about c, see covariance.py
 
+E-step: with ``T = [1, x - c, Q(x - c)]`` stacked as the columns of a sub-batch (the expanded
+form in :mod:`dmix.families.covariance`), the weighted log-densities are one matrix product
+``W T`` with one row of coefficients per component, and after normalising them into
+responsibilities ``R``, ``T R^T`` holds ``nk``, ``s1`` and the packed ``s2`` at once. Two
+products over the sub-batch, nothing of size n x K x D: this is what makes the E-step run near
+the machine's matrix-product rate. Where expanding would lose digits (a component far from the
+shift in its own units, or a badly conditioned precision), the log-densities come from the
+direct form ``|U^T (x - mu)|^2`` instead; see :func:`_expansion_error`.
+
 M-step (shared/notes/model-math.md section 1.3): with ``b_k = s1_k / N_k``, ``mu_k = c + b_k``
 and, for full covariances, ``Sigma_k = s2_k / N_k - b_k b_k^T + reg_covar I``. As scikit-learn
 does, ``N_k`` carries ``10 * eps`` so an empty component does not divide by zero.
@@ -25,11 +34,35 @@ import numpy as np
 
 from dmix.families.base import Params, State, Stats, tree_add
 from dmix.families.covariance import get_covariance
-from dmix.xp import Workspace, asarray_f64, normalize_log, to_host
+from dmix.xp import Workspace, asarray_f64, normalize_log, quiet_nonfinite, to_host
 
 __all__ = ["Gaussian"]
 
-_EPS10 = 10 * np.finfo(np.float64).eps
+_EPS = np.finfo(np.float64).eps
+_EPS10 = 10 * _EPS
+_LOG_2PI = np.log(2.0 * np.pi)
+
+#: Largest rounding error (in units of squared Mahalanobis distance) tolerated from the expanded
+#: form; beyond it the E-step takes the direct form. Typical data give 1e-13 or less.
+EXPANSION_TOL = 1e-10
+
+
+def _expansion_error(cov, params: Params, means_c, coef, pmu) -> float:
+    """A bound on the rounding error of the expanded distance for rows near each component.
+
+    Summing ``coef . Q(x) - 2 pmu . x + mu^T P mu`` in floating point errs by about ``eps``
+    times the sum of the magnitudes of its terms. Those are evaluated at ``|mu_k| + 3 sd_k``
+    per coordinate, a row at the edge of component ``k`` (rows farther out have larger
+    distances, so a relative error that stays small).
+    """
+    k, d = means_c.shape
+    dense = cov.dense(params["covariances"], k, d)
+    edge = np.abs(means_c) + 3.0 * np.sqrt(np.diagonal(dense, axis1=1, axis2=2))
+    quad = np.empty((coef.shape[1], k))
+    cov.quadratic_features(edge.T, quad, np)
+    terms = (np.abs(coef) * quad.T).sum(1) + 2 * (np.abs(pmu) * edge).sum(1)
+    terms += np.abs(np.sum(pmu * means_c, axis=1))
+    return float(_EPS * np.max(terms))
 
 
 def _shift(params: Params) -> np.ndarray:
@@ -92,48 +125,90 @@ class Gaussian:
 
     # -- worker side ------------------------------------------------------------------------
 
-    def _weighted_log_prob(self, params: Params, x, xp, ws: Workspace):
-        """Centred rows ``x - c`` and ``log w_k + log N(x | mu_k, Sigma_k)`` (n, K) of a block."""
+    def _coefficients(self, params: Params, xp):
+        """Per-parameter constants of the E-step, computed once and kept in the workspace.
+
+        Returns ``(shift, W, expand)``: the centring shift, the (K, 1 + D + m) coefficients
+        with ``W T = log w_k + log N(x | mu_k, Sigma_k)``, and whether the expanded form is
+        accurate enough (else ``W`` is None and the direct form is used).
+        """
+        cov = self.covariance
         shift = _shift(params)
-        xc = xp.subtract(x, xp.asarray(shift), out=ws.take("xc", x.shape, xp))
-        means_c = xp.asarray(params["means"] - shift)
-        wlp = self.covariance.log_prob(xc, means_c, params["precisions_cholesky"], xp, ws)
-        wlp += xp.asarray(np.log(params["weights"]))
-        return xc, wlp
+        means_c = params["means"] - shift
+        prec_chol = params["precisions_cholesky"]
+        k, d = means_c.shape
+        coef, pmu = cov.expansion(prec_chol, means_c)
+        if _expansion_error(cov, params, means_c, coef, pmu) > EXPANSION_TOL:
+            return xp.asarray(shift), None, False
+        const = (np.log(params["weights"]) + cov.log_det(prec_chol, d)
+                 - 0.5 * (d * _LOG_2PI + np.sum(pmu * means_c, axis=1)))
+        w = np.concatenate([const[:, None], pmu, -0.5 * coef], axis=1)
+        return xp.asarray(shift), xp.asarray(w), True
+
+    def _weighted_log_prob(self, params: Params, x, xp, ws: Workspace):
+        """Row statistics ``T`` (1 + D + m, n) and ``log w_k + log N(x | mu_k, Sigma_k)`` (K, n).
+
+        Both are workspace buffers, overwritten by the next call.
+        """
+        cov = self.covariance
+        n, d = x.shape
+        k = params["means"].shape[0]
+        shift, w, expand = ws.memo("gaussian", params, lambda: self._coefficients(params, xp))
+        t = ws.take("T", (1 + d + cov.n_quadratic(d), n), xp)
+        t[0] = 1.0
+        xt = t[1 : 1 + d]
+        xp.subtract(x.T, shift[:, None], out=xt)
+        cov.quadratic_features(xt, t[1 + d :], xp)
+        wlp = ws.take("wlp", (k, n), xp)
+        if expand:
+            xp.matmul(w, t, out=wlp)
+        else:
+            means_c = xp.asarray(params["means"]) - shift
+            direct = cov.log_prob(xt.T, means_c, params["precisions_cholesky"], xp, ws)
+            direct += xp.asarray(np.log(params["weights"]))
+            wlp[...] = direct.T
+        return t, wlp
 
     def estep(self, params: Params, x, xp, workspace: Workspace | None = None) -> Stats:
         ws = workspace or Workspace()
-        xc, resp = self._weighted_log_prob(params, x, xp, ws)
-        log_norm = normalize_log(resp, resp, xp)  # resp now holds the responsibilities
+        d = x.shape[1]
+        with quiet_nonfinite(xp):  # non-finite rows are counted below and reported
+            t, resp = self._weighted_log_prob(params, x, xp, ws)
+            log_norm = normalize_log(resp, resp, xp, axis=0)  # resp: the responsibilities
         ok = xp.isfinite(log_norm)
         n_bad = int(x.shape[0] - int(xp.count_nonzero(ok)))
         if n_bad:  # keep the sums finite; the engine reports the rows
-            xc[~ok] = 0.0
-            resp[~ok] = 0.0
+            t[:, ~ok] = 0.0
+            resp[:, ~ok] = 0.0
             log_norm = xp.where(ok, log_norm, 0.0)
+        moments = to_host(xp.matmul(t, resp.T))  # (1 + D + m, K): nk, s1, packed s2
         return {
             "n": float(x.shape[0]),
             "loglik": float(xp.sum(log_norm)),
             "n_nonfinite": float(n_bad),
-            "nk": to_host(xp.sum(resp, axis=0)),
-            "s1": to_host(resp.T @ xc),
-            "s2": to_host(self.covariance.second_moment(resp, xc, xp, ws)),
+            "nk": moments[0],
+            "s1": np.ascontiguousarray(moments[1 : 1 + d].T),
+            "s2": self.covariance.from_quadratic(moments[1 + d :]),
         }
 
     def combine(self, a: Stats, b: Stats) -> Stats:
         return tree_add(a, b)
 
     def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
-        return self.covariance.temp_bytes_per_row(n_features, n_components)
+        # The row statistics T and the (K, n) log-densities; the direct form takes more, but
+        # only for parameters the expansion cannot serve.
+        return 8 * (1 + n_features + self.covariance.n_quadratic(n_features) + 2 * n_components)
 
-    def log_density(self, params: Params, x, xp):
-        _, wlp = self._weighted_log_prob(params, x, xp, Workspace())
-        return normalize_log(wlp, wlp, xp)
+    def log_density(self, params: Params, x, xp, workspace: Workspace | None = None):
+        with quiet_nonfinite(xp):  # the caller reports non-finite rows
+            _, wlp = self._weighted_log_prob(params, x, xp, workspace or Workspace())
+            return normalize_log(wlp, wlp, xp, axis=0)
 
-    def predict_proba(self, params: Params, x, xp):
-        _, wlp = self._weighted_log_prob(params, x, xp, Workspace())
-        normalize_log(wlp, wlp, xp)
-        return wlp
+    def predict_proba(self, params: Params, x, xp, workspace: Workspace | None = None):
+        with quiet_nonfinite(xp):  # the caller reports non-finite rows
+            _, wlp = self._weighted_log_prob(params, x, xp, workspace or Workspace())
+            normalize_log(wlp, wlp, xp, axis=0)
+        return xp.ascontiguousarray(wlp.T)
 
     # -- driver side ------------------------------------------------------------------------
 

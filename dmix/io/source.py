@@ -7,6 +7,7 @@ stored (integers and booleans become float64); statistics are always float64.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -50,10 +51,16 @@ def _check_chunk_size(chunk_size) -> None:
         raise DataError(f"chunk_size must be a positive int or None. Got {chunk_size!r} instead.")
 
 
-def _default_rows(n_features: int, itemsize: int, multiple: int = 1,
-                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-    rows = max(1, block_bytes // max(1, n_features * itemsize))
-    return max(multiple, rows // multiple * multiple)
+def _default_rows(shape: tuple[int, int], itemsize: int, multiple: int = 1,
+                  block_bytes: int = DEFAULT_BLOCK_BYTES, slots: int = 1) -> int:
+    """Rows per block: blocks of at most about ``block_bytes``, of equal size, and as many as
+    a multiple of ``slots`` (the cluster's worker threads), so that every thread gets the same
+    work in each pass. Rounded up to a multiple of ``multiple`` (a Zarr chunk or shard)."""
+    n_rows, n_features = shape
+    n_blocks = max(1, math.ceil(n_rows * n_features * itemsize / block_bytes))
+    n_blocks = math.ceil(n_blocks / slots) * slots
+    rows = max(1, math.ceil(n_rows / n_blocks))
+    return math.ceil(rows / multiple) * multiple
 
 
 def _check_dtype(dtype: np.dtype, description: str) -> np.dtype:
@@ -94,12 +101,12 @@ def _check_shape(shape: tuple, description: str) -> None:
         )
 
 
-def _rows_only(x: da.Array, chunk_size, block_bytes: int) -> da.Array:
+def _rows_only(x: da.Array, chunk_size, block_bytes: int, slots: int) -> da.Array:
     rows = chunk_size if chunk_size is not None else "auto" if x.numblocks[0] == 1 else None
     if rows is None:
         return x.rechunk({1: -1}) if x.numblocks[1] > 1 else x
     if rows == "auto":
-        rows = _default_rows(x.shape[1], x.dtype.itemsize, block_bytes=block_bytes)
+        rows = _default_rows(x.shape, x.dtype.itemsize, block_bytes=block_bytes, slots=slots)
     return x.rechunk({0: rows, 1: -1})
 
 
@@ -139,6 +146,7 @@ def as_source(
     component: str | None = None,
     storage_options: dict | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    slots: int = 1,
 ) -> Source:
     """Validate ``X`` and return it as a row-chunked Dask array.
 
@@ -149,7 +157,8 @@ def as_source(
         array or group.
     chunk_size : int, optional
         Rows per block. Default: the Dask array's own row chunks; for a Zarr array a multiple of
-        its stored chunks (or shards) near 32 MiB; for in-memory data blocks of about 32 MiB.
+        its stored chunks (or shards) near 32 MiB; for in-memory data equal blocks of at most
+        about 32 MiB.
     component : str, optional
         Name of the array inside a Zarr group.
     storage_options : dict, optional
@@ -157,6 +166,8 @@ def as_source(
     block_bytes : int, default=DEFAULT_BLOCK_BYTES
         Target bytes per block when ``chunk_size`` is not given (see
         :func:`dmix.engine.reduce.block_bytes_for`).
+    slots : int, default=1
+        Worker threads that will process the blocks: default blocks come in a multiple of it.
 
     Returns
     -------
@@ -176,8 +187,8 @@ def as_source(
         _check_shape(X.shape, desc)
         dtype = _check_dtype(np.dtype(X.dtype), desc)
         stored = (X.shards or X.chunks)[0]
-        rows = chunk_size or _default_rows(X.shape[1], np.dtype(X.dtype).itemsize, stored,
-                                           block_bytes)
+        rows = chunk_size or _default_rows(X.shape, np.dtype(X.dtype).itemsize, stored,
+                                           block_bytes, slots)
         # Pass chunks explicitly: from_zarr would otherwise use the inner chunks of a shard.
         arr = da.from_zarr(X, chunks=(rows, X.shape[1]))
         return Source(arr if arr.dtype == dtype else arr.astype(dtype), desc, in_memory=False)
@@ -187,7 +198,8 @@ def as_source(
         if any(np.isnan(c).any() for c in X.chunks):
             raise DataError(f"{desc} has unknown chunk sizes; call compute_chunk_sizes() first.")
         dtype = _check_dtype(X.dtype, desc)
-        arr = _rows_only(X if X.dtype == dtype else X.astype(dtype), chunk_size, block_bytes)
+        arr = _rows_only(X if X.dtype == dtype else X.astype(dtype), chunk_size, block_bytes,
+                         slots)
         return Source(arr, desc, in_memory=False)
 
     if type(X).__module__.split(".")[0] == "cupy":
@@ -199,7 +211,8 @@ def as_source(
     _check_shape(arr.shape, desc)
     dtype = _check_dtype(arr.dtype, desc)
     arr = arr.astype(dtype, copy=False)  # no copy for float32/float64; the input is never modified
-    rows = chunk_size or _default_rows(arr.shape[1], arr.dtype.itemsize, block_bytes=block_bytes)
+    rows = chunk_size or _default_rows(arr.shape, arr.dtype.itemsize, block_bytes=block_bytes,
+                                       slots=slots)
     # name=False: no hashing of the whole array to build a key.
     blocks = da.from_array(arr, chunks=(rows, arr.shape[1]), name=False)
     return Source(blocks, desc, in_memory=True, local=arr)

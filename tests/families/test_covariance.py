@@ -93,7 +93,7 @@ def test_shapes_table(name, rng):
     assert cov.precisions(u).shape == shape
     assert cov.dense(c, K, D).shape == (K, D, D)
     assert cov.second_moment(np.full((5, K), 1 / K), rng.normal(size=(5, D)), np).shape == shape
-    assert cov.temp_bytes_per_row(D, K) > 0
+    assert cov.expansion(u, rng.normal(size=(K, D)))[0].shape == (K, cov.n_quadratic(D))
 
 
 # -- distances and determinants ----------------------------------------------------------------
@@ -215,6 +215,35 @@ def test_second_moment_matches_einsum(cov, rng):
         "tied_spherical": np.asarray(diag.sum()),
     }[cov.name]
     assert_rel(cov.second_moment(resp, xc, np), want, 1e-12)
+
+
+# -- the expanded form of the E-step ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [0.0, 30.0])
+def test_expansion_matches_direct_distances(cov, rng, shift):
+    """``coef . Q(x) - 2 (P mu) . x + mu^T P mu`` equals the direct ``|U^T (x - mu)|^2``."""
+    c = random_covariances(cov.name, rng)
+    u = cov.precision_cholesky(c)
+    xc = rng.normal(scale=2.0, size=(200, D)) + shift
+    means_c = rng.normal(size=(K, D)) + shift
+    quad = np.empty((cov.n_quadratic(D), 200))
+    cov.quadratic_features(np.ascontiguousarray(xc.T), quad, np)
+    coef, pmu = cov.expansion(u, means_c)
+    got = (coef @ quad).T - 2 * xc @ pmu.T + np.sum(pmu * means_c, axis=1)
+    # The terms are ~shift^2 / var, so the expansion's rounding is relative to those.
+    scale = 1.0 + shift**2 * np.max(cov.precisions(u))
+    assert np.max(np.abs(got - cov.mahalanobis(xc, means_c, u, np))) <= 1e-13 * scale * D
+
+
+def test_from_quadratic_matches_second_moment(cov, rng):
+    """Summing ``Q(x) r^T`` and unpacking gives the statistic ``second_moment`` computes."""
+    xc, resp = rng.normal(size=(100, D)), rng.dirichlet(np.ones(K), size=100)
+    quad = np.empty((cov.n_quadratic(D), 100))
+    cov.quadratic_features(np.ascontiguousarray(xc.T), quad, np)
+    got = cov.from_quadratic(quad @ resp)
+    assert np.shape(got) == cov.shape(K, D)
+    assert_rel(got, cov.second_moment(resp, xc, np), 1e-13)
 
 
 # -- precision conversions ---------------------------------------------------------------------

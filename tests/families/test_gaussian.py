@@ -32,6 +32,7 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import dmix
 from dmix.errors import ConvergenceWarning, InvalidParameterError
+from dmix.families import gaussian as gaussian_module
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
 
@@ -402,6 +403,63 @@ def test_log_density_matches_scipy(covariance_type, layout):
     assert_rel(gm.score(x), mixture.mean(), 1e-10)
     resp = np.exp(comp + np.log(gm.weights_) - mixture[:, None])
     assert_rel(gm.predict_proba(x), resp, 1e-10)
+
+
+# -- 3b. the expanded E-step against the direct form ------------------------------------------
+
+
+@pytest.mark.parametrize("covariance_type", list(COVARIANCE_TYPES))
+def test_expanded_estep_matches_direct_form(covariance_type, monkeypatch):
+    """The E-step's two-product form gives the statistics of the direct form ``|U^T(x-mu)|^2``.
+
+    Well-separated components 3 sd from the origin: the expansion's rounding bound is ~1e-13,
+    so the fast form is taken; forcing the direct form changes nothing beyond 1e-12.
+    """
+    rng = np.random.default_rng(5)
+    k, d, n = 4, 6, 3000
+    weights, means, covariances = random_params(covariance_type, k, d, rng, 3.0)
+    family = Gaussian(covariance_type=covariance_type)
+    params = family.make_params(weights, means, covariances)
+    x = means[rng.integers(0, k, size=n)] + rng.normal(size=(n, d))
+    assert family._coefficients(params, np)[2], "expected the expanded form"
+    fast = family.estep(params, x, np)
+    monkeypatch.setattr(gaussian_module, "EXPANSION_TOL", -1.0)
+    assert not family._coefficients(params, np)[2]
+    direct = family.estep(params, x, np)
+    for key in ("loglik", "nk", "s1", "s2"):
+        assert_rel(fast[key], direct[key], 1e-12, key)
+
+
+def test_direct_form_where_expansion_would_round(monkeypatch):
+    """A precision with entries ~5e6 (correlation 1 - 1e-7): expanding ``x^T P x`` cancels them.
+
+    The reference is the closed-form 2 x 2 inverse in extended precision. The E-step must take
+    the direct form and match it to 1e-9 relative; forcing the expansion is what would fail
+    (it errs by ~1e-8 here), so this test fails if the guard stops guarding.
+    """
+    rho = 1.0 - 1e-7
+    cov = np.array([[[1.0, rho], [rho, 1.0]], [[2.0, 0.0], [0.0, 0.5]]])
+    means = np.array([[3.0, 3.0], [-1.0, 2.0]])
+    weights = np.array([0.6, 0.4])
+    rng = np.random.default_rng(8)
+    t = rng.normal(size=(500, 1))
+    x = means[0] + np.hstack([t, t + 3e-4 * rng.normal(size=(500, 1))])
+    family = Gaussian(covariance_type="full")
+    params = family.make_params(weights, means, cov)
+    assert not family._coefficients(params, np)[2], "expected the direct form"
+
+    def log_n(j):  # log N(x | mu_j, Sigma_j) with the 2 x 2 inverse in long double
+        c = cov[j].astype(np.longdouble)
+        det = c[0, 0] * c[1, 1] - c[0, 1] * c[1, 0]
+        z = x.astype(np.longdouble) - means[j]
+        maha = (c[1, 1] * z[:, 0] ** 2 - 2 * c[0, 1] * z[:, 0] * z[:, 1]
+                + c[0, 0] * z[:, 1] ** 2) / det
+        return (-0.5 * (maha + np.log(det) + 2 * np.log(2 * np.pi))).astype(np.float64)
+
+    want = logsumexp(np.stack([log_n(0), log_n(1)], axis=1) + np.log(weights), axis=1)
+    assert_rel(family.log_density(params, x, np), want, 1e-10)
+    monkeypatch.setattr(gaussian_module, "EXPANSION_TOL", np.inf)
+    assert rel_err(family.log_density(params, x, np), want) > 1e-9
 
 
 # -- 4. parameter recovery ------------------------------------------------------------------

@@ -78,11 +78,15 @@ def test_numpy_chunk_size_and_default_blocks():
     src = as_source(x, chunk_size=10)
     assert src.array.chunks == ((10,) * 10 + (1,), (3,))
     assert as_source(x, chunk_size=1).array.numblocks == (101, 1)
-    # default: blocks of about DEFAULT_BLOCK_BYTES
+    # default: equal blocks of at most about DEFAULT_BLOCK_BYTES (80 MB: 3 blocks)...
     wide = np.zeros((10_000, 2000), dtype=np.float32)
-    rows = DEFAULT_BLOCK_BYTES // (2000 * 4)
-    assert rows == 4194
-    assert as_source(wide).array.chunks[0] == (rows, rows, 10_000 - 2 * rows)
+    assert DEFAULT_BLOCK_BYTES // (2000 * 4) == 4194
+    assert as_source(wide).array.chunks[0] == (3334, 3334, 3332)
+    # ... in a multiple of the worker threads, so that each gets the same work
+    assert as_source(wide, slots=2).array.chunks[0] == (2500,) * 4
+    assert as_source(x, slots=3).array.chunks[0] == (34, 34, 33)
+    assert as_source(da.from_array(wide, chunks=(10_000, 500)), slots=5).array.chunks[0] == (
+        (2000,) * 5)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
@@ -226,18 +230,19 @@ def test_missing_path(tmp_path):
 
 
 def test_sharded_array_blocks_are_multiples_of_the_shard(tmp_path):
-    # 40 000 bytes per row: the default ~32 MiB block is 838 rows, rounded down to 8 shards of
-    # 100 rows, never to the inner chunks of 10 rows. Nothing is written (fill value 0).
+    # 40 000 bytes per row: 40 MB make 2 blocks of 500 rows, 5 shards of 100 rows each, never
+    # a multiple of the inner chunks of 10 rows only. Nothing is written (fill value 0).
     z = zarr.create_array(tmp_path / "sharded.zarr", shape=(1000, 10_000), chunks=(10, 10_000),
                           shards=(100, 10_000), dtype="f4")
     src = as_source(z)
-    assert src.array.chunks == ((800, 200), (10_000,))
+    assert src.array.chunks == ((500, 500), (10_000,))
+    assert as_source(z, slots=3).array.chunks == ((400, 400, 200), (10_000,))
     # shard larger than the default block: one shard per block
     big = zarr.create_array(tmp_path / "bigshard.zarr", shape=(3000, 10_000),
                             chunks=(100, 10_000), shards=(1000, 10_000), dtype="f4")
     assert as_source(big).array.chunks[0] == (1000, 1000, 1000)
     # and from a path
-    assert as_source(tmp_path / "sharded.zarr").array.chunks == ((800, 200), (10_000,))
+    assert as_source(tmp_path / "sharded.zarr").array.chunks == ((500, 500), (10_000,))
 
 
 def test_sharded_array_values_and_fit(tmp_path):
