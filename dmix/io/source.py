@@ -53,14 +53,16 @@ def _check_chunk_size(chunk_size) -> None:
 
 def _default_rows(shape: tuple[int, int], itemsize: int, multiple: int = 1,
                   block_bytes: int = DEFAULT_BLOCK_BYTES, slots: int = 1) -> int:
-    """Rows per block: blocks of at most about ``block_bytes``, of equal size, and as many as
-    a multiple of ``slots`` (the cluster's worker threads), so that every thread gets the same
-    work in each pass. Rounded up to a multiple of ``multiple`` (a Zarr chunk or shard)."""
+    """Rows per block: whole units of ``multiple`` rows (a Zarr chunk or shard; 1 in memory),
+    at most ``block_bytes`` per block (one unit if a unit is larger), in as many blocks as
+    that needs rounded up to a multiple of ``slots`` (the cluster's worker threads), spread
+    evenly, so that every thread gets the same work in each pass."""
     n_rows, n_features = shape
-    n_blocks = max(1, math.ceil(n_rows * n_features * itemsize / block_bytes))
-    n_blocks = math.ceil(n_blocks / slots) * slots
-    rows = max(1, math.ceil(n_rows / n_blocks))
-    return math.ceil(rows / multiple) * multiple
+    n_units = math.ceil(n_rows / multiple)
+    per_block = max(1, block_bytes // max(1, multiple * n_features * itemsize))
+    n_blocks = math.ceil(n_units / per_block)
+    n_blocks = min(n_units, math.ceil(n_blocks / slots) * slots)
+    return math.ceil(n_units / n_blocks) * multiple
 
 
 def _check_dtype(dtype: np.dtype, description: str) -> np.dtype:

@@ -436,16 +436,16 @@ def test_fit_score_predict_never_modify_the_store(tmp_path, client):
 
 
 def test_default_blocks_follow_the_worker_memory_limit(client, dataset):
-    """Without chunk_size, blocks are 1/16 of the smallest worker limit when that is below
-    32 MiB (here 400 MB / 16 = 25 MB: 195,312 rows of 16 float64, rounded down to the stored
-    chunks), and 32 MiB without a cluster."""
+    """Without chunk_size, blocks are at most 1/16 of the smallest worker limit when that is
+    below 32 MiB (here 400 MB / 16 = 25 MB: one stored chunk of 2**17 rows, 16.8 MB, since two
+    would pass it), and at most 32 MiB without a cluster; equal blocks, an even number of them
+    for the two workers."""
     from dmix.engine.reduce import block_bytes_for
 
     assert block_bytes_for(None) == 32 * 2**20
     assert block_bytes_for(client) == 400_000_000 // 16
     est = dmix.GaussianMixture(2, client=client)
-    rows = est._source(str(dataset.zarr_path), fitting=True,
-                       client=client).array.chunks[0][0]
-    per_row = N_FEATURES * 8
-    assert rows % STORED_ROWS == 0
-    assert rows * per_row <= 400_000_000 // 16 < (rows + STORED_ROWS) * per_row
+    chunks = est._source(str(dataset.zarr_path), fitting=True, client=client).array.chunks[0]
+    assert chunks == (STORED_ROWS,) * (N_ROWS // STORED_ROWS)
+    assert STORED_ROWS * N_FEATURES * 8 <= 400_000_000 // 16 < 2 * STORED_ROWS * N_FEATURES * 8
+    assert len(chunks) % 2 == 0
