@@ -162,6 +162,27 @@ def _fmt_s(row) -> str:
     return f"{row['s_per_iter']:.3g} ({row['s_min']:.3g}-{row['s_max']:.3g})"
 
 
+def ceiling_rows(c: dict) -> list[str]:
+    """Markdown rows of the ceilings that ``ceilings.py`` measured."""
+    rows = []
+    for dtype in ("float64", "float32"):
+        m = c[f"{dtype}_gflops"]
+        rows.append(f"| {dtype} matrix product {m.get('n', '')}^3: NumPy / torch / best "
+                    f"| {m['numpy']:.0f} / {m['torch']:.0f} / **{m['best']:.0f}** GFLOP/s |")
+    if "tall_skinny_float64_gflops" in c:
+        t = c["tall_skinny_float64_gflops"]
+        rows.append(f"| float64 tall-skinny, {t['shape']}: best `X@W` / `X.T@X` "
+                    f"| {t['best']['X@W']:.0f} / {t['best']['X.T@X']:.0f} GFLOP/s |")
+    if "copy_GBps" in c:
+        rows.append(f"| memory copy (read + write bytes) | {c['copy_GBps']['best']:.1f} GB/s |")
+    for fn in ("exp", "log"):
+        if fn in c.get("exp_log_Gelem_per_s", {}):
+            r = c["exp_log_Gelem_per_s"][fn]["numpy"]
+            rows.append(f"| float64 {fn}, NumPy: 1 thread / all threads "
+                        f"| {r['1_thread']:.2f} / {r['all_threads']:.2f} G elements/s |")
+    return rows
+
+
 def markdown(report: dict) -> str:
     """The tables of ``cpu.md``."""
     c = report["ceilings"]
@@ -193,13 +214,8 @@ def markdown(report: dict) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| float64 matrix product, best BLAS | {c['float64_gflops']['best']:.0f} GFLOP/s |",
-        f"| float32 matrix product, best BLAS | {c['float32_gflops']['best']:.0f} GFLOP/s |",
+        *ceiling_rows(c),
     ]
-    for key, value in c.items():
-        if key in ("float64_gflops", "float32_gflops") or not isinstance(value, int | float):
-            continue
-        lines.append(f"| {key} | {value:.3g} |")
     setups = [r for r in report["summary"] if r.get("setup_s")]
     lines += ["", "One-off costs (seconds, medians), not in the per-iteration times:", ""]
     for r in setups:
