@@ -123,22 +123,6 @@ def _count_rows(block, start, index):
     return {"n": float(block.shape[0]), "loglik": 0.0, "n_nonfinite": 0}
 
 
-class _Times:
-    """A dmix Monitor that keeps the seconds of every iteration."""
-
-    def __init__(self):
-        self.seconds = []
-
-    def begin_init(self, init):
-        pass
-
-    def end_iteration(self, record):
-        self.seconds.append(record.seconds)
-
-    def end_init(self, init, result, seconds):
-        pass
-
-
 # -- measurements ----------------------------------------------------------------------------
 
 
@@ -182,6 +166,7 @@ def _read_dask(path, chunk_rows, client):
 
 def _fit(data, dataset, n_iter, chunk_rows, client, persist):
     import dmix
+    from dmix.engine import History
 
     p = dataset.params
     gm = dmix.GaussianMixture(
@@ -190,12 +175,13 @@ def _fit(data, dataset, n_iter, chunk_rows, client, persist):
         precisions_init=np.linalg.inv(p["covariances"]), persist=persist,
         chunk_size=chunk_rows, client=client,
     )
-    times = _Times()
+    history = History()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 by design
-        gm.fit(data, monitor=times)
-    assert gm.n_iter_ == n_iter and len(times.seconds) == n_iter
-    return times.seconds, gm
+        gm.fit(data, monitor=history)
+    seconds = [r.seconds for r in history.records]
+    assert gm.n_iter_ == n_iter and len(seconds) == n_iter
+    return seconds, gm
 
 
 def _empty_pass(x, client):

@@ -1,5 +1,5 @@
 """The engine: how a fit is scheduled (the driver loop, the Dask passes, initialisation)."""
 
-from dmix.engine.loop import EMResult, Monitor, estep_pass, fit_em, run_em
+from dmix.engine.loop import EMResult, History, Monitor, estep_pass, fit_em, run_em
 
-__all__ = ["EMResult", "Monitor", "estep_pass", "fit_em", "run_em"]
+__all__ = ["EMResult", "History", "Monitor", "estep_pass", "fit_em", "run_em"]

@@ -26,6 +26,7 @@ from dmix.xp import Workspace, get_namespace
 __all__ = [
     "Checkpointer",
     "EMResult",
+    "History",
     "Monitor",
     "Snapshot",
     "apply_batched",
@@ -81,6 +82,16 @@ class Monitor:
 
     def end_init(self, init: int, result: EMResult, seconds: float) -> None:
         pass
+
+
+class History(Monitor):
+    """A monitor that keeps every iteration's record in ``records`` (to time or plot a fit)."""
+
+    def __init__(self):
+        self.records: list[IterationRecord] = []
+
+    def end_iteration(self, record: IterationRecord) -> None:
+        self.records.append(record)
 
 
 def batch_rows(family, n_features: int, n_components: int) -> int:

@@ -15,8 +15,9 @@ E-step: with ``T = [1, x - c, Q(x - c)]`` stacked as the columns of a sub-batch 
 form in :mod:`dmix.families.covariance`), the weighted log-densities are one matrix product
 ``W T`` with one row of coefficients per component, and after normalising them into
 responsibilities ``R``, ``T R^T`` holds ``nk``, ``s1`` and the packed ``s2`` at once. Two
-products over the sub-batch, nothing of size n x K x D: this is what makes the E-step run near
-the machine's matrix-product rate. Where expanding would lose digits (a component far from the
+products over the sub-batch and nothing of size n x K x D, where the direct form takes
+``n K D^2`` multiply-adds and an n x K x D temporary per product (docs/bench/ has the rates
+measured). Where expanding would lose digits (a component far from the
 shift in its own units, or a badly conditioned precision), the log-densities come from the
 direct form ``|U^T (x - mu)|^2`` instead; see :func:`_expansion_error`.
 

@@ -260,6 +260,15 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(out: Path, stem: str, report: dict, text: str, draw) -> None:
+    """``<out>/<stem>.json``, ``.md`` (``text``, also printed) and ``.png`` (``draw(path)``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    draw(out / f"{stem}.png")
+    print(text)
+
+
 def machine() -> dict:
     import psutil
 
@@ -352,12 +361,8 @@ def main(argv=None) -> int:
         "ceilings": ceilings, "runs": runs,
     }
     report["summary"] = summarize(runs, ceilings)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.suite + ("-quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(report))
-    plot(report, args.out / f"{stem}.png")
-    print(markdown(report))
+    write_report(args.out, args.suite + ("-quick" if args.quick else ""), report, markdown(report),
+                 lambda path: plot(report, path))
     return 0
 
 

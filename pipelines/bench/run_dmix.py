@@ -32,22 +32,6 @@ from pathlib import Path
 import numpy as np
 
 
-class _Times:
-    """A dmix monitor that keeps the seconds of every iteration."""
-
-    def __init__(self):
-        self.seconds = []
-
-    def begin_init(self, init):
-        pass
-
-    def end_iteration(self, record):
-        self.seconds.append(record.seconds)
-
-    def end_init(self, init, result, seconds):
-        pass
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -62,6 +46,7 @@ def main(argv=None) -> int:
     from distributed import Client, LocalCluster
 
     import dmix
+    from dmix.engine import History
 
     setup = {}
     tic = time.perf_counter()
@@ -86,12 +71,12 @@ def main(argv=None) -> int:
         gm = dmix.GaussianMixture(k, covariance_type=args.covariance, max_iter=n_iter, tol=0,
                                   weights_init=init["weights"], means_init=init["means"],
                                   precisions_init=precisions, client=client, persist=persist)
-        times = _Times()
+        history = History()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 never converges
             tic = time.perf_counter()
-            gm.fit(data, monitor=times)
-        return gm, times.seconds, time.perf_counter() - tic
+            gm.fit(data, monitor=history)
+        return gm, [r.seconds for r in history.records], time.perf_counter() - tic
 
     _, _, setup["warmup_fit"] = fit(1)
     gm, seconds, total = fit(args.n_iter)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from data import prepare  # noqa: E402
-from run import REPO, command, machine, nominal_flops, run_one  # noqa: E402
+from run import REPO, command, machine, nominal_flops, run_one, write_report  # noqa: E402
 
 
 def sweeps(max_n: float, quick: bool) -> list[dict]:
@@ -117,12 +116,8 @@ def main(argv=None) -> int:
                   sys.argv[1:] if argv is None else argv),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine(), "n_iter": args.n_iter, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "scaling-quick" if args.quick else "scaling"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(report))
-    plot(results, args.out / f"{stem}.png")
-    print(markdown(report))
+    write_report(args.out, "scaling-quick" if args.quick else "scaling", report,
+                 markdown(report), lambda path: plot(results, path))
     return 0
 
 

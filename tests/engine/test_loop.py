@@ -370,3 +370,17 @@ def test_fit_on_cli_started_cluster_equals_synchronous(sync_reference, tmp_path)
         for log in logs:
             log.close()
     assert all(p.returncode is not None for p in procs)
+
+
+def test_history_monitor_keeps_every_iteration():
+    """History records one IterationRecord per iteration, with the fit's lower bounds."""
+    from dmix.engine import History
+
+    x = np.random.default_rng(0).normal(size=(300, 2))
+    history = History()
+    gm = dmix.GaussianMixture(2, max_iter=4, tol=0, random_state=0)
+    with pytest.warns(dmix.ConvergenceWarning):
+        gm.fit(x, monitor=history)
+    assert [r.iteration for r in history.records] == [1, 2, 3, 4]
+    np.testing.assert_array_equal([r.lower_bound for r in history.records], gm.lower_bounds_)
+    assert all(r.seconds > 0 for r in history.records)
