@@ -112,17 +112,28 @@ class Workspace:
         return held[1]
 
 
+#: Floor of the shifted log-probabilities before ``exp``: ``exp(-700) = 1e-304`` is still a
+#: normal float64. Below about -708 the results are subnormal or underflow, and NumPy's exp then
+#: leaves its vector path: measured here 20-30x slower per element, which made the E-step of
+#: well-separated mixtures (most entries far below -745) 30% slower. A responsibility of
+#: 1e-304 instead of 0 changes no sum by more than 1e-300 relative.
+EXP_FLOOR = -700.0
+
+
 def normalize_log(wlp, out, xp, axis: int = 1):
     """Responsibilities and log-normaliser from weighted log-probabilities, in one sweep.
 
     Along ``axis`` (the components), ``out = exp(wlp - logsumexp(wlp))`` is written into
     ``out`` (may be ``wlp`` itself); returns ``logsumexp(wlp, axis)``. A row whose entries are
     all ``-inf`` or contain ``nan`` gives a non-finite log-normaliser, which the caller counts.
+    Entries more than 700 below their row's maximum get :data:`EXP_FLOOR`'s tiny weight.
     """
     amax = xp.max(wlp, axis=axis, keepdims=True)
-    amax = xp.where(xp.isfinite(amax), amax, 0.0)
-    xp.subtract(wlp, amax, out=out)
+    finite_max = xp.where(xp.isfinite(amax), amax, 0.0)
+    xp.subtract(wlp, finite_max, out=out)
+    xp.maximum(out, EXP_FLOOR, out=out)  # nan stays nan
     xp.exp(out, out=out)
     total = xp.sum(out, axis=axis, keepdims=True)
     out /= total
+    # Adding the raw maximum: a row of -inf (or +inf) gives a non-finite result, so is counted.
     return xp.squeeze(xp.log(total) + amax, axis=axis)

@@ -89,7 +89,8 @@ def test_nominal_flops():
 
 
 def test_summary_medians_ratios_and_table():
-    ceilings = {"float64_gflops": {"best": 100.0}, "float32_gflops": {"best": 200.0}}
+    ceilings = {"float64_gflops": {"n": 4096, "numpy": 100.0, "torch": 90.0, "best": 100.0},
+                "float32_gflops": {"n": 4096, "numpy": 150.0, "torch": 200.0, "best": 200.0}}
     runs = []
     for rep, (dm, sk) in enumerate([(1.0, 4.0), (2.0, 5.0), (1.5, 9.0)]):
         for lib, s in (("dmix", dm), ("sklearn", sk)):
@@ -111,4 +112,6 @@ def test_summary_medians_ratios_and_table():
     table = bench_run.markdown(report)
     assert "| 1,000 | 4 | 2 | full | sklearn | float64 | 5 (4-9) | 3.33 |" in table
     assert "failed: exit status 1" in table
+    assert "| float32 matrix product 4096^3: NumPy / torch / best | 150 / 200 / **200** GFLOP/s |" in (
+        table)
     json.dumps(report)  # the report is JSON as written
