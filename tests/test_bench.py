@@ -112,6 +112,7 @@ def test_summary_medians_ratios_and_table():
     table = bench_run.markdown(report)
     assert "| 1,000 | 4 | 2 | full | sklearn | float64 | 5 (4-9) | 3.33 |" in table
     assert "failed: exit status 1" in table
+    assert "| 1,000 x 4 x 2 | full | **1.5** | 5 (3.3x) | failed |" in table  # side by side
     assert "| float32 matrix product 4096^3: NumPy / torch / best | 150 / 200 / **200** GFLOP/s |" in (
         table)
     json.dumps(report)  # the report is JSON as written

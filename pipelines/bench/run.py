@@ -183,10 +183,44 @@ def ceiling_rows(c: dict) -> list[str]:
     return rows
 
 
+LABELS = {"dmix": "dmix", "dmix-zarr": "dmix, Zarr", "sklearn": "scikit-learn",
+          "pomegranate": "pomegranate", "pycave": "pycave", "spark": "Spark ML"}
+
+
+def side_by_side(summary: list[dict]) -> str:
+    """One row per dataset and covariance type, one column per library: seconds per iteration
+    and, in brackets, how many times dmix's (in memory) that is."""
+    cases = sorted({(r["n"], r["d"], r["k"], r["covariance"]) for r in summary},
+                   key=lambda c: (-c[0], c[3] != "full"))
+    libs = [lib for lib in RUNNERS if any(r["library"] == lib for r in summary)]
+    lines = ["| N x D x K | covariance | " + " | ".join(LABELS[lib] for lib in libs) + " |",
+             "|---|---|" + "---|" * len(libs)]
+    for n, d, k, cov in cases:
+        cells = []
+        for lib in libs:
+            r = next((r for r in summary if (r["n"], r["d"], r["k"], r["covariance"], r["library"])
+                      == (n, d, k, cov, lib)), None)
+            if r is None:
+                cells.append("-")
+            elif "s_per_iter" not in r:
+                cells.append("failed")
+            elif lib == "dmix":
+                cells.append(f"**{r['s_per_iter']:.3g}**")
+            else:
+                cells.append(f"{r['s_per_iter']:.3g} ({r['vs_dmix']:.1f}x)")
+        lines.append(f"| {n:,} x {d} x {k} | {cov} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     """The tables of ``cpu.md``."""
     c = report["ceilings"]
     lines = [
+        "Seconds per EM iteration (median of the repeats) and, in brackets, the ratio to dmix "
+        "in memory (> 1: dmix is faster):",
+        "",
+        side_by_side(report["summary"]),
+        "",
         f"Command: `{report['command']}`  ",
         f"Date: {report['date']}; machine: {report['machine']['cpu']}, "
         f"{report['machine']['cores']} cores, {report['machine']['memory_gb']:.0f} GB; "
@@ -310,6 +344,8 @@ def main(argv=None) -> int:
     parser.add_argument("--venv", type=Path, help="benchmark venv (default: env.py's)")
     parser.add_argument("--here", action="store_true",
                         help="use this Python as it is (it must have the peers asked for)")
+    parser.add_argument("--from-json", type=Path,
+                        help="only write the Markdown and the plot again from this report")
     args = parser.parse_args(argv)
 
     if not args.here:  # re-run inside the benchmark venv
@@ -321,6 +357,12 @@ def main(argv=None) -> int:
             argv = sys.argv[1:] if argv is None else list(argv)
             os.execv(str(python), [str(python), __file__, *argv, "--here"])
 
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        report["summary"] = summarize(report["runs"], report["ceilings"])
+        write_report(args.from_json.parent, args.from_json.stem, report, markdown(report),
+                     lambda path: plot(report, path))
+        return 0
     sys.path.insert(0, str(HERE))
     from data import prepare
 
