@@ -216,15 +216,15 @@ def markdown(report: dict) -> str:
     """The tables of ``cpu.md``."""
     c = report["ceilings"]
     lines = [
-        "Seconds per EM iteration (median of the repeats) and, in brackets, the ratio to dmix "
-        "in memory (> 1: dmix is faster):",
-        "",
-        side_by_side(report["summary"]),
-        "",
         f"Command: `{report['command']}`  ",
         f"Date: {report['date']}; machine: {report['machine']['cpu']}, "
         f"{report['machine']['cores']} cores, {report['machine']['memory_gb']:.0f} GB; "
         f"{report['repeats']} repeats, {report['n_iter']} timed EM iterations per fit.",
+        "",
+        "Seconds per EM iteration (median of the repeats) and, in brackets, the ratio to dmix "
+        "in memory (> 1: dmix is faster):",
+        "",
+        side_by_side(report["summary"]),
         "",
         "Seconds per EM iteration: median (min-max) over the repeats; `x dmix`: the library's "
         "median over dmix's (in memory); GFLOP/s: nominal textbook flops per second "
