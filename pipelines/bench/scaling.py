@@ -53,6 +53,7 @@ def sweeps(max_n: float, quick: bool) -> list[dict]:
 
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,6 +68,9 @@ def plot(results: list[dict], path: Path) -> None:
         fixed = {"N": "D = K = 16", "K": "N = 1e6, D = 16", "D": "N = 2e5, K = 16"}[sweep]
         ax.set(xscale="log", yscale="log", xlabel=sweep, title=f"{sweep} grows ({fixed})",
                ylabel="seconds per EM iteration")
+        ticks = sorted({r[key] for r in results if r["sweep"] == sweep})
+        ax.set_xticks(ticks, [f"{t:.0e}" if key == "n" else str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=8)
     fig.suptitle("dmix GaussianMixture, full covariances, one worker per core")
     fig.tight_layout()
@@ -112,8 +116,8 @@ def main(argv=None) -> int:
         shown = f"{r['s_per_iter']:.3f} s/iter" if "s_per_iter" in r else r["error"]
         print(f"{p['sweep']}: N={p['n']:,} D={p['d']} K={p['k']} {p['source']}: {shown}",
               flush=True)
-    report = {"command": "python pipelines/bench/scaling.py " + " ".join(
-                  sys.argv[1:] if argv is None else argv),
+    report = {"command": " ".join(["python pipelines/bench/scaling.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine(), "n_iter": args.n_iter, "results": results}
     write_report(args.out, "scaling-quick" if args.quick else "scaling", report,
