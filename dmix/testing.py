@@ -59,11 +59,14 @@ from dmix.families.base import REQUIRED_STATS
 
 __all__ = [
     "FamilyTests",
+    "assert_rel",
     "assert_stats_allclose",
     "combine_all",
+    "rel_err",
     "split_rows",
     "split_points",
     "stats_max_rel_error",
+    "structured_covariances",
 ]
 
 #: Hypothesis settings of the property tests: few examples (each is a handful of E-steps),
@@ -84,6 +87,34 @@ PROPERTY_SETTINGS = settings(
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def rel_err(actual, expected) -> float:
+    """Largest absolute difference over the largest magnitude of ``expected`` (normwise, so
+    entries small through cancellation are not held to an element-wise relative tolerance)."""
+    actual, expected = np.asarray(actual, float), np.asarray(expected, float)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def assert_rel(actual, expected, tol: float, what: str = "") -> None:
+    """Assert ``rel_err(actual, expected) <= tol`` with a short message."""
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what} relative error {err:.3g} > {tol:g}"
+
+
+def structured_covariances(dense: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Parameters of ``covariance_type`` from (K, D, D) SPD matrices, for building test models:
+    their mean when tied, their diagonals when diagonal, the mean variance when spherical."""
+    diag = np.diagonal(dense, axis1=1, axis2=2)
+    return {
+        "full": dense,
+        "tied": dense.mean(axis=0),
+        "diag": diag,
+        "spherical": diag.mean(axis=1),
+        "tied_diag": diag.mean(axis=0),
+        "tied_spherical": np.asarray(diag.mean()),
+    }[covariance_type]
 
 
 def split_points(n_rows: int, max_pieces: int = 12):

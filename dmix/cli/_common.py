@@ -199,7 +199,8 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
     g.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
                    help="initialisations; the best is kept (default %(default)s)")
     g.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
-                   help="rows per block (default: a multiple of the stored chunks near 32 MiB)")
+                   help="rows per block (default: whole stored chunks, equal blocks of at "
+                        "most 32 MiB, a multiple of the worker threads in number)")
     g.add_argument("--split-every", type=_positive_int, metavar="N",
                    help="fan-in of the reduction tree (default 16)")
     g.add_argument("--persist", choices=["auto", "yes", "no"], default="auto",

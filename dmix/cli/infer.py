@@ -7,8 +7,8 @@
     dmix sample --model MODEL_DIR --n-samples N --output OUT.zarr [--seed S] [--chunk-size ROWS]
 
 Each command writes a Zarr group at OUT.zarr; every array has one row per data row (or drawn
-row), stored in chunks of the rows of one block (``--chunk-size``, by default a multiple of the
-data's stored chunks near 32 MiB; 16 MiB of drawn rows for ``sample``):
+row), stored in chunks of the rows of one block (``--chunk-size``, by default whole stored
+chunks of the data in equal blocks of at most 32 MiB; 16 MiB of drawn rows for ``sample``):
 
 ============ ============================ =================================================
 command      arrays                       attribute ``dmix_output`` (written last)
@@ -347,8 +347,8 @@ def _add_io_options(p, *, data: bool) -> None:
         p.add_argument("--array", metavar="NAME",
                        help="the array inside the group DATA (default: X, or its only array)")
         p.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
-                       help="rows per block and per stored chunk of the output (default: a "
-                            "multiple of the stored chunks near 32 MiB)")
+                       help="rows per block and per stored chunk of the output (default: "
+                            "whole stored chunks, equal blocks of at most 32 MiB)")
     p.add_argument("--model", "-m", required=True, metavar="MODEL_DIR",
                    help="a model saved by `dmix fit --output`")
     p.add_argument("--output", "-o", required=True, metavar="OUT.zarr",

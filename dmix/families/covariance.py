@@ -127,11 +127,6 @@ def _unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-def _squares(xc, xp, ws):
-    """``xc * xc`` in the workspace buffer ``"xsq"``."""
-    return xp.multiply(xc, xc, out=(ws or Workspace()).take("xsq", xc.shape, xp))
-
-
 def _component(i: int) -> str:
     return f"component {i}"
 
@@ -163,10 +158,6 @@ class _Covariance:
 
         Large temporaries go to the workspace ``ws``; the result may be one of its buffers.
         """
-        raise NotImplementedError
-
-    def second_moment(self, resp, xc, xp, ws: Workspace | None = None):
-        """The additive second-order statistic of a block (shape in the module table)."""
         raise NotImplementedError
 
     def n_quadratic(self, n_features: int) -> int:
@@ -251,7 +242,7 @@ class Full(_Covariance):
         lhs = ws.take("x1", (n, d + 1), xp)
         lhs[:, :d] = xc
         lhs[:, d] = 1.0
-        y = ws.take("nkd", (n, k, d), xp)  # the n x K x D scratch, reused by second_moment
+        y = ws.take("nkd", (n, k, d), xp)  # the n x K x D scratch
         xp.matmul(lhs, rhs, out=xp.reshape(y, (n, k * d)))
         return _row_sq_norms(y, xp, ws)
 
@@ -277,17 +268,6 @@ class Full(_Covariance):
         d = int(round((math.sqrt(8 * q.shape[0] + 1) - 1) / 2))
         return _unpack_symmetric(q.T, d)
 
-    def second_moment(self, resp, xc, xp, ws=None):
-        ws = ws or Workspace()
-        n, d = xc.shape
-        k = resp.shape[1]
-        # sum_i r_ik xc_i xc_i^T for all k as one GEMM: xc^T (D, n) @ (r * xc) (n, K*D) gives
-        # (D, K, D) with entry [a, k, b] = S2_k[a, b].
-        z = ws.take("nkd", (n, k, d), xp)
-        xp.multiply(resp[:, :, None], xc[:, None, :], out=z)
-        s2 = xp.reshape(xc.T @ xp.reshape(z, (n, k * d)), (d, k, d))
-        return xp.transpose(s2, (1, 0, 2))
-
     def estimate(self, nk, b, s2, reg_covar):
         cov = s2 / nk[:, None, None] - b[:, :, None] * b[:, None, :]
         return _add_to_diagonal(_symmetrize(cov), reg_covar)
@@ -306,7 +286,6 @@ class Full(_Covariance):
 
     def dense(self, covariances, n_components, n_features):
         return np.asarray(covariances, dtype=np.float64)
-
 
 
 class Tied(Full):
@@ -331,10 +310,6 @@ class Tied(Full):
         xp.subtract((xc @ u)[:, None, :], (means_c @ u)[None, :, :], out=y)
         return _row_sq_norms(y, xp, ws)
 
-    def second_moment(self, resp, xc, xp, ws=None):
-        # sum_k sum_i r_ik xc_i xc_i^T = sum_i xc_i xc_i^T, since sum_k r_ik = 1.
-        return xc.T @ xc
-
     def from_quadratic(self, q):
         return super().from_quadratic(np.sum(q, axis=1, keepdims=True))[0]
 
@@ -347,7 +322,6 @@ class Tied(Full):
 
     def dense(self, covariances, n_components, n_features):
         return np.broadcast_to(covariances, (n_components, n_features, n_features)).copy()
-
 
 
 class Diag(_Covariance):
@@ -389,9 +363,6 @@ class Diag(_Covariance):
     def from_quadratic(self, q):
         return q.T
 
-    def second_moment(self, resp, xc, xp, ws=None):
-        return resp.T @ _squares(xc, xp, ws)
-
     def estimate(self, nk, b, s2, reg_covar):
         return s2 / nk[:, None] - b * b + reg_covar
 
@@ -428,9 +399,6 @@ class Spherical(Diag):
     def _precision_rows(self, prec_chol, n_components, n_features):
         return np.broadcast_to(np.reshape(prec_chol**2, (-1, 1)), (n_components, n_features))
 
-    def second_moment(self, resp, xc, xp, ws=None):
-        return resp.T @ xp.sum(_squares(xc, xp, ws), axis=1)
-
     def n_quadratic(self, n_features):
         return 1
 
@@ -464,9 +432,6 @@ class TiedDiag(Diag):
     def log_det(self, prec_chol, n_features):
         return float(np.sum(np.log(prec_chol)))
 
-    def second_moment(self, resp, xc, xp, ws=None):
-        return xp.sum(_squares(xc, xp, ws), axis=0)
-
     def from_quadratic(self, q):
         return np.sum(q, axis=1)
 
@@ -489,9 +454,6 @@ class TiedSpherical(Spherical):
 
     def log_det(self, prec_chol, n_features):
         return float(n_features * np.log(prec_chol))
-
-    def second_moment(self, resp, xc, xp, ws=None):
-        return xp.sum(_squares(xc, xp, ws))
 
     def from_quadratic(self, q):
         return np.sum(q)

@@ -146,6 +146,24 @@ class Gaussian:
         w = np.concatenate([const[:, None], pmu, -0.5 * coef], axis=1)
         return xp.asarray(shift), xp.asarray(w), True
 
+    def _row_statistics(self, x, shift, xp, ws: Workspace):
+        """``T = [1, x - c, Q(x - c)]`` (1 + D + m, n) of rows ``x``, in a workspace buffer."""
+        n, d = x.shape
+        t = ws.take("T", (1 + d + self.covariance.n_quadratic(d), n), xp)
+        t[0] = 1.0
+        xp.subtract(x.T, shift[:, None], out=t[1 : 1 + d])
+        self.covariance.quadratic_features(t[1 : 1 + d], t[1 + d :], xp)
+        return t
+
+    def _moments(self, t, resp_t, n_features: int) -> Stats:
+        """``nk``, ``s1`` and ``s2`` from row statistics ``T`` and responsibilities (K, n)."""
+        moments = to_host(t @ resp_t.T)  # (1 + D + m, K)
+        return {
+            "nk": moments[0],
+            "s1": np.ascontiguousarray(moments[1 : 1 + n_features].T),
+            "s2": self.covariance.from_quadratic(moments[1 + n_features :]),
+        }
+
     def _weighted_log_prob(self, params: Params, x, xp, ws: Workspace):
         """Row statistics ``T`` (1 + D + m, n) and ``log w_k + log N(x | mu_k, Sigma_k)`` (K, n).
 
@@ -155,11 +173,8 @@ class Gaussian:
         n, d = x.shape
         k = params["means"].shape[0]
         shift, w, expand = ws.memo("gaussian", params, lambda: self._coefficients(params, xp))
-        t = ws.take("T", (1 + d + cov.n_quadratic(d), n), xp)
-        t[0] = 1.0
+        t = self._row_statistics(x, shift, xp, ws)
         xt = t[1 : 1 + d]
-        xp.subtract(x.T, shift[:, None], out=xt)
-        cov.quadratic_features(xt, t[1 + d :], xp)
         wlp = ws.take("wlp", (k, n), xp)
         if expand:
             xp.matmul(w, t, out=wlp)
@@ -182,14 +197,11 @@ class Gaussian:
             t[:, ~ok] = 0.0
             resp[:, ~ok] = 0.0
             log_norm = xp.where(ok, log_norm, 0.0)
-        moments = to_host(xp.matmul(t, resp.T))  # (1 + D + m, K): nk, s1, packed s2
         return {
             "n": float(x.shape[0]),
             "loglik": float(xp.sum(log_norm)),
             "n_nonfinite": float(n_bad),
-            "nk": moments[0],
-            "s1": np.ascontiguousarray(moments[1 : 1 + d].T),
-            "s2": self.covariance.from_quadratic(moments[1 + d :]),
+            **self._moments(t, resp, d),
         }
 
     def combine(self, a: Stats, b: Stats) -> Stats:
@@ -213,17 +225,21 @@ class Gaussian:
 
     # -- driver side ------------------------------------------------------------------------
 
-    def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
+    def _estimate(self, stats: Stats, shift: np.ndarray, n_total=None) -> Params:
+        """Parameters from statistics about ``shift``; weights ``N_k / n_total`` (default
+        ``sum_k N_k``)."""
         nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10
         b = stats["s1"] / nk[:, None]
         covariances = self.covariance.estimate(nk, b, stats["s2"], self.reg_covar)
-        new = {
-            "weights": nk / np.sum(nk),
-            "means": _shift(params) + b,
+        return {
+            "weights": nk / (np.sum(nk) if n_total is None else n_total),
+            "means": shift + b,
             "covariances": covariances,
             "precisions_cholesky": self.covariance.precision_cholesky(covariances),
         }
-        return new, state
+
+    def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
+        return self._estimate(stats, _shift(params)), state
 
     def params_from_stats(self, stats: Stats, shift: np.ndarray) -> Params:
         """Initial parameters from statistics gathered with given responsibilities about ``shift``.
@@ -231,15 +247,7 @@ class Gaussian:
         This is scikit-learn's ``_initialize`` from ``resp``: weights ``N_k / N`` (not
         renormalised), means and covariances as in the M-step.
         """
-        nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10
-        b = stats["s1"] / nk[:, None]
-        covariances = self.covariance.estimate(nk, b, stats["s2"], self.reg_covar)
-        return {
-            "weights": nk / stats["n"],
-            "means": shift + b,
-            "covariances": covariances,
-            "precisions_cholesky": self.covariance.precision_cholesky(covariances),
-        }
+        return self._estimate(stats, shift, stats["n"])
 
     def params_from_points(self, points: np.ndarray, n_samples: int) -> Params:
         """Initial parameters where each row of ``points`` alone has responsibility 1 for its
@@ -250,7 +258,7 @@ class Gaussian:
         """
         k, d = points.shape
         nk = np.full(k, 1.0 + _EPS10)
-        zero_s2 = self.covariance.second_moment(np.zeros((1, k)), np.zeros((1, d)), np)
+        zero_s2 = self.covariance.from_quadratic(np.zeros((self.covariance.n_quadratic(d), k)))
         covariances = self.covariance.estimate(nk, np.zeros((k, d)), zero_s2, self.reg_covar)
         return {
             "weights": nk / n_samples,
@@ -261,13 +269,8 @@ class Gaussian:
 
     def stats_from_resp(self, resp, x, shift, xp) -> Stats:
         """Statistics of a block for given responsibilities ``resp`` (n, K), about ``shift``."""
-        xc = asarray_f64(x, xp) - xp.asarray(shift)
-        return {
-            "n": float(x.shape[0]),
-            "nk": to_host(xp.sum(resp, axis=0)),
-            "s1": to_host(resp.T @ xc),
-            "s2": to_host(self.covariance.second_moment(resp, xc, xp)),
-        }
+        t = self._row_statistics(asarray_f64(x, xp), xp.asarray(shift), xp, Workspace())
+        return {"n": float(x.shape[0]), **self._moments(t, xp.asarray(resp).T, x.shape[1])}
 
     def sample(self, params: Params, n_samples: int, rng: np.random.Generator):
         """Draw ``n_samples`` rows: component counts from a multinomial, then Gaussian noise.

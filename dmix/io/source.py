@@ -158,9 +158,9 @@ def as_source(
         The data, shape (n_samples, n_features). A string is a path or fsspec URL of a Zarr
         array or group.
     chunk_size : int, optional
-        Rows per block. Default: the Dask array's own row chunks; for a Zarr array a multiple of
-        its stored chunks (or shards) near 32 MiB; for in-memory data equal blocks of at most
-        about 32 MiB.
+        Rows per block. Default: the Dask array's own row chunks; for a Zarr array whole stored
+        chunks (or shards), for in-memory data any rows, in equal blocks of at most
+        ``block_bytes``, as many as a multiple of ``slots``.
     component : str, optional
         Name of the array inside a Zarr group.
     storage_options : dict, optional

@@ -10,20 +10,7 @@ import pytest
 
 from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
-from dmix.testing import FamilyTests
-
-
-def structured_covariances(dense: np.ndarray, covariance_type: str) -> np.ndarray:
-    """Reduce (K, D, D) SPD matrices to the parameters of ``covariance_type``."""
-    diag = np.diagonal(dense, axis1=1, axis2=2)
-    return {
-        "full": dense,
-        "tied": dense.mean(axis=0),
-        "diag": diag,
-        "spherical": diag.mean(axis=1),
-        "tied_diag": diag.mean(axis=0),
-        "tied_spherical": np.asarray(diag.mean()),
-    }[covariance_type]
+from dmix.testing import FamilyTests, structured_covariances
 
 
 class TestGaussianConformance(FamilyTests):

@@ -35,6 +35,7 @@ from dmix.errors import ConvergenceWarning, InvalidParameterError
 from dmix.families import gaussian as gaussian_module
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
+from dmix.testing import assert_rel, rel_err, structured_covariances
 
 SKLEARN_TYPES = ["full", "tied", "diag", "spherical"]
 EXTRA_TYPES = ["tied_diag", "tied_spherical"]
@@ -48,20 +49,6 @@ CHUNK = 97  # rows per block: 4 to 9 blocks, the last one short
 def sync_scheduler():
     with dask.config.set(scheduler="sync"):
         yield
-
-
-def rel_err(actual, expected) -> float:
-    """Largest absolute difference divided by the largest magnitude of ``expected``."""
-    actual, expected = np.asarray(actual, float), np.asarray(expected, float)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
-
-
-def assert_rel(actual, expected, tol, what=""):
-    """Assert ``rel_err(actual, expected) <= tol`` with a short message."""
-    err = rel_err(actual, expected)
-    assert err <= tol, f"{what} relative error {err:.3g} > {tol:g}"
-
 
 
 # -- data and initial parameters ---------------------------------------------------------------
@@ -78,19 +65,6 @@ def make_data(n, d, k, seed=0):
     mix = rng.normal(scale=0.4, size=(k, d, d)) + np.eye(d)
     labels = rng.integers(0, k, size=n)
     return centers[labels] + np.einsum("nij,nj->ni", mix[labels], rng.normal(size=(n, d)))
-
-
-def structure(dense, covariance_type):
-    """The parameters of ``covariance_type`` from (K, D, D) SPD matrices."""
-    diag = np.diagonal(dense, axis1=1, axis2=2)
-    return {
-        "full": dense,
-        "tied": dense.mean(axis=0),
-        "diag": diag,
-        "spherical": diag.mean(axis=1),
-        "tied_diag": diag.mean(axis=0),
-        "tied_spherical": np.asarray(diag.mean()),
-    }[covariance_type]
 
 
 def to_dense(covariances, covariance_type, k, d):
@@ -126,7 +100,7 @@ def make_init(x, k, covariance_type, seed=1):
     means = x[rng.choice(n, size=k, replace=False)] + rng.normal(scale=0.3, size=(k, d))
     spread = np.atleast_2d(np.cov(x.T))
     dense = np.stack([spread * s for s in rng.uniform(0.3, 0.8, size=k)])
-    return weights, means, structure(dense, covariance_type)
+    return weights, means, structured_covariances(dense, covariance_type)
 
 
 # -- a direct float64 EM, written independently of dmix ----------------------------------------
@@ -336,7 +310,7 @@ def test_far_apart_clusters_match_reference_em(covariance_type):
     x = np.concatenate([rng.normal(size=(300, 2)) - 1e4, rng.normal(size=(200, 2)) + 1e4])
     weights = np.array([0.5, 0.5])
     means = np.array([[-1e4 + 0.5, -1e4], [1e4, 1e4 - 0.5]])
-    covariances = structure(np.stack([np.eye(2) * 1.5, np.eye(2) * 0.7]), covariance_type)
+    covariances = structured_covariances(np.stack([np.eye(2) * 1.5, np.eye(2) * 0.7]), covariance_type)
     gm = fit_dmix(x, 2, covariance_type, weights, means, covariances, 3)
     ref, bounds = reference_em(x, weights, means, covariances, covariance_type, 3)
     assert_errors_below(errors(gm, ref), 1e-7)
@@ -355,7 +329,7 @@ def random_params(covariance_type, k, d, rng, centre):
     means = rng.normal(scale=2.0, size=(k, d)) + centre
     a = rng.normal(size=(k, d, d))
     dense = a @ np.swapaxes(a, 1, 2) / d + np.eye(d) * rng.uniform(0.3, 1.5, size=(k, 1, 1))
-    return weights, means, structure(dense, covariance_type)
+    return weights, means, structured_covariances(dense, covariance_type)
 
 
 #: Where the components sit: near the origin, all 1e4 away from it, or 1e4 away from each
@@ -486,7 +460,7 @@ def test_parameter_recovery(covariance_type):
     """
     rng = np.random.default_rng(2024)
     n, k, d = 20000, 3, 3
-    covariances = structure(TRUE_DENSE, covariance_type)
+    covariances = structured_covariances(TRUE_DENSE, covariance_type)
     dense = to_dense(covariances, covariance_type, k, d)
     labels = rng.choice(k, size=n, p=TRUE_WEIGHTS)
     chol = np.linalg.cholesky(dense)
@@ -526,7 +500,7 @@ def test_parameter_recovery(covariance_type):
 def test_sample_matches_params(covariance_type):
     """Counts, per-component means and covariances of 60000 draws within 5 standard errors."""
     k, d, n = 3, 3, 60000
-    covariances = structure(TRUE_DENSE, covariance_type)
+    covariances = structured_covariances(TRUE_DENSE, covariance_type)
     dense = to_dense(covariances, covariance_type, k, d)
     family = Gaussian(covariance_type=covariance_type)
     params = family.make_params(TRUE_WEIGHTS, TRUE_MEANS + 100.0, covariances)
