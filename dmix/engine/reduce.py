@@ -2,11 +2,13 @@
 
 Each pass over the data is one graph and one ``compute``::
 
-    dmix-params-<call>      one node holding the parameters (not scattered: see DESIGN.md)
+    dmix-params-<call>      one node holding the parameters (not scattered: see DESIGN.md),
+                            or none: small arguments travel inside every block's task
     dmix-<label>-<call>-i   chunk_fn(block_i, first_row_i, i, *args)   on the workers
     dmix-reduce-<call>-l-j  combine of at most ``split_every`` inputs, level l
 
-The tree has depth ``ceil(log_split_every(n_blocks))``. Keys start with alphabetic words and
+and the caller combines the at most ``split_every`` parts of the top level. The tree has
+``ceil(log_split_every(n_blocks)) - 1`` levels of tasks. Keys start with alphabetic words and
 continue with numbers, so the dashboard groups them as ``dmix-estep`` and ``dmix-reduce``.
 """
 
@@ -35,13 +37,38 @@ __all__ = [
 ]
 
 DEFAULT_SPLIT_EVERY = 16
+
+#: Arguments whose arrays total at most this many bytes over all blocks' tasks are copied into
+#: every task instead of one shared node. A shared node is one more task per pass and a
+#: transfer to every other worker before its first block starts: 5-20 ms per iteration on the
+#: 2-core benchmark machine, 10-15% of a 0.15 s diagonal-covariance pass.
+EMBED_BYTES = 2 * 2**20
 _LOCAL_SCHEDULERS = {"sync", "synchronous", "single-threaded", "threads", "threading",
                      "processes", "multiprocessing"}
 _calls = itertools.count()
 
 
-def _run_chunk(chunk_fn, block, start, index, args):
+def _run_chunk(chunk_fn, args, block, start, index):
     return chunk_fn(block, start, index, *args)
+
+
+def _array_bytes(obj) -> int:
+    """Bytes of the NumPy arrays in nested dicts, lists and tuples (other leaves count 0)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_array_bytes(v) for v in obj)
+    return 0
+
+
+def _shared_args(args, n_tasks: int, tag: str):
+    """``args`` as one graph node if copying them into ``n_tasks`` tasks would cost more than
+    :data:`EMBED_BYTES`, else as they are (then each task carries its own copy)."""
+    if _array_bytes(args) * n_tasks <= EMBED_BYTES:
+        return args
+    return dask.delayed(args, name=f"dmix-params-{tag}", traverse=False)
 
 
 def _combine_many(combine, *parts):
@@ -49,7 +76,8 @@ def _combine_many(combine, *parts):
 
 
 def tree_depth(n_blocks: int, split_every: int) -> int:
-    """Levels of combine tasks above ``n_blocks`` leaves with fan-in ``split_every``."""
+    """Levels of combining above ``n_blocks`` leaves with fan-in ``split_every`` (the last
+    one is done by :func:`map_reduce`'s caller, the others are tasks)."""
     depth = 0
     while n_blocks > 1:
         n_blocks = -(-n_blocks // split_every)
@@ -86,15 +114,17 @@ def map_reduce(
     tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).tolist()
     blocks = data.to_delayed(optimize_graph=False).ravel()
-    shared = dask.delayed(args, name=f"dmix-params-{tag}", traverse=False)
+    shared = _shared_args(args, len(blocks), tag)
+    if shared is args:  # embedded: inside the callable, where Dask does not traverse them
+        run, extra = dask.delayed(functools.partial(_run_chunk, chunk_fn, args), pure=True), ()
+    else:
+        run, extra = dask.delayed(functools.partial(_run_chunk, chunk_fn), pure=True), (shared,)
     parts = [
-        dask.delayed(_run_chunk, pure=True)(
-            chunk_fn, block, starts[i], i, shared, dask_key_name=f"dmix-{label}-{tag}-{i}"
-        )
+        run(*extra, block, starts[i], i, dask_key_name=f"dmix-{label}-{tag}-{i}")
         for i, block in enumerate(blocks)
     ]
     level = 0
-    while len(parts) > 1:
+    while len(parts) > split_every:
         parts = [
             dask.delayed(_combine_many, pure=True)(
                 combine,
@@ -104,11 +134,12 @@ def map_reduce(
             for j in range(0, len(parts), split_every)
         ]
         level += 1
-    root = parts[0]
+    # The last combine runs here: fetching the top parts directly saves the round trip of one
+    # more task (about 6 ms per pass measured on the 2-core benchmark machine).
     if client is None:
-        return dask.compute(root)[0]
+        return functools.reduce(combine, dask.compute(*parts))
     with _span("dmix", label):  # groups the pass in the dashboard's Fine Performance Metrics
-        return client.compute(root).result()
+        return functools.reduce(combine, client.gather(client.compute(parts)))
 
 
 def _span(*tags):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-__all__ = ["Family", "Params", "Stats", "State", "tree_add", "tree_allclose"]
+__all__ = ["Family", "Params", "Stats", "State", "tree_accumulate", "tree_add", "tree_allclose"]
 
 Params = dict[str, Any]
 Stats = dict[str, Any]
@@ -75,6 +75,23 @@ def tree_add(a: Stats, b: Stats) -> Stats:
     if a.keys() != b.keys():
         raise ValueError(f"Cannot add statistics with keys {sorted(a)} and {sorted(b)}.")
     return {k: a[k] + b[k] for k in a}
+
+
+def tree_accumulate(total: Stats | None, part: Stats) -> Stats:
+    """``total + part`` key-wise, written into ``total``'s arrays (a copy of ``part`` if
+    ``total`` is None). The engine sums the sub-batches of a block this way: no new arrays
+    per sub-batch (see :class:`dmix.xp.Workspace` for why that matters on Dask workers)."""
+    if total is None:
+        return {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v
+                for k, v in part.items()}
+    if total.keys() != part.keys():
+        raise ValueError(f"Cannot add statistics with keys {sorted(total)} and {sorted(part)}.")
+    for k, v in part.items():
+        if isinstance(total[k], np.ndarray) and total[k].ndim:
+            total[k] += v
+        else:
+            total[k] = total[k] + v
+    return total
 
 
 def tree_allclose(a: Stats, b: Stats, rtol: float, atol: float = 0.0) -> bool:

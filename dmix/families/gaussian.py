@@ -9,7 +9,8 @@ before the pass, close to the data mean, so nothing cancels for data far from th
     n, loglik, n_nonfinite      rows, sum_i log p(x_i), rows whose log p(x_i) is not finite
     nk  (K,)                    sum_i r_ik
     s1  (K, D)                  sum_i r_ik (x_i - c)
-    s2  (covariance-shaped)     second moments about c, see covariance.py
+    s2  (K, m)                  sum_i r_ik Q(x_i - c): packed second moments about c, unpacked
+                                by the covariance structure's ``from_quadratic`` in the M-step
 
 E-step: with ``T = [1, x - c, Q(x - c)]`` stacked as the columns of a sub-batch (the expanded
 form in :mod:`dmix.families.covariance`), the weighted log-densities are one matrix product
@@ -156,12 +157,13 @@ class Gaussian:
         return t
 
     def _moments(self, t, resp_t, n_features: int) -> Stats:
-        """``nk``, ``s1`` and ``s2`` from row statistics ``T`` and responsibilities (K, n)."""
-        moments = to_host(t @ resp_t.T)  # (1 + D + m, K)
+        """``nk``, ``s1`` and ``s2`` from row statistics ``T`` and responsibilities (K, n):
+        views of the one (1 + D + m, K) array ``T R^T``, so a sub-batch allocates no more."""
+        moments = to_host(t @ resp_t.T)
         return {
             "nk": moments[0],
-            "s1": np.ascontiguousarray(moments[1 : 1 + n_features].T),
-            "s2": self.covariance.from_quadratic(moments[1 + n_features :]),
+            "s1": moments[1 : 1 + n_features].T,
+            "s2": moments[1 + n_features :].T,
         }
 
     def _weighted_log_prob(self, params: Params, x, xp, ws: Workspace):
@@ -228,9 +230,12 @@ class Gaussian:
     def _estimate(self, stats: Stats, shift: np.ndarray, n_total=None) -> Params:
         """Parameters from statistics about ``shift``; weights ``N_k / n_total`` (default
         ``sum_k N_k``)."""
+        # C order whatever the layout the statistics arrived in (the E-step's are transposed
+        # views): NumPy's sums depend on it in the last bit, and resumed fits must be exact.
         nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10
-        b = stats["s1"] / nk[:, None]
-        covariances = self.covariance.estimate(nk, b, stats["s2"], self.reg_covar)
+        b = np.ascontiguousarray(stats["s1"]) / nk[:, None]
+        s2 = self.covariance.from_quadratic(np.ascontiguousarray(np.asarray(stats["s2"]).T))
+        covariances = self.covariance.estimate(nk, b, s2, self.reg_covar)
         return {
             "weights": nk / (np.sum(nk) if n_total is None else n_total),
             "means": shift + b,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import uuid
 from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
 import zarr
+from dask.highlevelgraph import HighLevelGraph
 
 from dmix.errors import DataError
 
@@ -112,6 +115,91 @@ def _rows_only(x: da.Array, chunk_size, block_bytes: int, slots: int) -> da.Arra
     return x.rechunk({0: rows, 1: -1})
 
 
+@dataclass(frozen=True)
+class _RawRows:
+    """Reads rows of an uncompressed, unsharded local Zarr v3 array straight from its chunk
+    files, one ``readinto`` per chunk into the block's array.
+
+    Zarr's own read makes two intermediate copies, each a fresh allocation; on Dask workers the
+    Nanny's ``MALLOC_TRIM_THRESHOLD_`` makes every one of them an ``mmap`` with page faults
+    (see :class:`dmix.xp.Workspace`). Measured on the benchmark machine for 32 MB blocks in a
+    worker: 1.2-1.6 GB/s through zarr, 4.3-5.4 GB/s this way. Only layouts where a chunk file
+    is the chunk's raw little-endian bytes in C order qualify (:func:`_raw_rows`).
+    """
+
+    directory: str
+    chunk_keys: tuple[str, ...]
+    chunk_rows: int
+    n_features: int
+    dtype: str
+    fill_value: float
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        out = np.empty((hi - lo, self.n_features), dtype=self.dtype)
+        row_bytes = self.n_features * out.itemsize
+        for c in range(lo // self.chunk_rows, (hi - 1) // self.chunk_rows + 1):
+            first = c * self.chunk_rows
+            r0, r1 = max(lo, first) - first, min(hi, first + self.chunk_rows) - first
+            dest = out[first + r0 - lo : first + r1 - lo]
+            path = os.path.join(self.directory, self.chunk_keys[c])
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(r0 * row_bytes)
+                    got = f.readinto(memoryview(dest).cast("B"))
+            except FileNotFoundError:  # a chunk never written holds the fill value, as in zarr
+                dest[...] = self.fill_value
+                continue
+            if got != dest.nbytes:
+                raise DataError(
+                    f"Zarr chunk file {path} is shorter than its chunk: expected "
+                    f"{(r0 + len(dest)) * row_bytes} bytes, read {r0 * row_bytes + got}. "
+                    "The store is damaged or still being written."
+                )
+        return out
+
+
+def _raw_rows(z: zarr.Array) -> _RawRows | None:
+    """A :class:`_RawRows` reader for ``z`` if its chunk files are plain C-order arrays."""
+    meta = z.metadata
+    if meta.zarr_format != 3 or not isinstance(z.store, zarr.storage.LocalStore):
+        return None
+    codecs = meta.codecs
+    dtype = np.dtype(z.dtype)
+    little = dtype.itemsize == 1 or (
+        len(codecs) == 1 and getattr(codecs[0], "endian", None) is not None
+        and codecs[0].endian.value == "little"
+    )
+    if not (len(codecs) == 1 and type(codecs[0]).__name__ == "BytesCodec" and little
+            and sys.byteorder == "little" and dtype.kind in "fiub"):
+        return None
+    chunk_rows, chunk_cols = z.chunks
+    if chunk_cols != z.shape[1]:
+        return None
+    n_chunks = math.ceil(z.shape[0] / chunk_rows)
+    return _RawRows(
+        directory=os.path.join(os.path.abspath(str(z.store.root)), z.path),
+        chunk_keys=tuple(meta.encode_chunk_key((c, 0)) for c in range(n_chunks)),
+        chunk_rows=chunk_rows, n_features=z.shape[1], dtype=dtype.str,
+        fill_value=float(z.fill_value),
+    )
+
+
+def _from_zarr(z: zarr.Array, rows: int) -> da.Array:
+    """``z`` as a Dask array of ``rows``-row blocks: tasks ``dmix-read`` through
+    :class:`_RawRows` where the layout allows it, else Dask's ``from_zarr``."""
+    reader = _raw_rows(z)
+    if reader is None:
+        # Pass chunks explicitly: from_zarr would otherwise use the inner chunks of a shard.
+        return da.from_zarr(z, chunks=(rows, z.shape[1]))
+    n = z.shape[0]
+    name = f"dmix-read-{uuid.uuid4().hex}"
+    bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+    graph = {(name, i, 0): (reader, lo, hi) for i, (lo, hi) in enumerate(bounds)}
+    chunks = (tuple(hi - lo for lo, hi in bounds), (z.shape[1],))
+    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
+                    chunks=chunks, dtype=np.dtype(z.dtype), meta=np.empty((0, 0), z.dtype))
+
+
 def _open_zarr(path, component: str | None, storage_options: dict | None):
     """Open a path or URL as a Zarr array; a group needs ``component`` or one obvious array.
 
@@ -191,8 +279,7 @@ def as_source(
         stored = (X.shards or X.chunks)[0]
         rows = chunk_size or _default_rows(X.shape, np.dtype(X.dtype).itemsize, stored,
                                            block_bytes, slots)
-        # Pass chunks explicitly: from_zarr would otherwise use the inner chunks of a shard.
-        arr = da.from_zarr(X, chunks=(rows, X.shape[1]))
+        arr = _from_zarr(X, rows)
         return Source(arr if arr.dtype == dtype else arr.astype(dtype), desc, in_memory=False)
 
     if isinstance(X, da.Array):

@@ -11,6 +11,7 @@ import distributed  # a core dependency: its absence must fail, not skip
 import numpy as np
 import pytest
 
+import dmix.engine.reduce as reduce_module
 from dmix.engine.reduce import (
     DEFAULT_SPLIT_EVERY,
     map_blocks,
@@ -117,7 +118,10 @@ def _levels(graph):
     [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (8, 2), (9, 2), (16, 4), (17, 4), (13, 4),
      (13, 13), (13, 16), (37, 3), (37, 6), (64, 4), (65, 4), (20, None)],
 )
-def test_graph_tree_depth_and_shape(n_blocks, split_every):
+@pytest.mark.parametrize("embed", [True, False], ids=["embedded", "shared-node"])
+def test_graph_tree_depth_and_shape(n_blocks, split_every, embed, monkeypatch):
+    if not embed:
+        monkeypatch.setattr(reduce_module, "EMBED_BYTES", -1)
     _, data = _data([2] * n_blocks)
     rec = RecordingScheduler()
     with dask.config.set(scheduler=rec):
@@ -126,21 +130,39 @@ def test_graph_tree_depth_and_shape(n_blocks, split_every):
     (graph,) = rec.graphs
     estep, params, levels, fanin = _levels(graph)
     s = DEFAULT_SPLIT_EVERY if split_every is None else split_every
-    # the explicit count: smallest depth with s**depth >= n_blocks
+    # the explicit count: smallest depth with s**depth >= n_blocks; the last level of
+    # combining happens on the caller's side, the others are tasks
     depth = next(d for d in range(64) if s**d >= n_blocks)
-    assert len(levels) == depth == tree_depth(n_blocks, s)
+    assert depth == tree_depth(n_blocks, s)
+    assert len(levels) == max(depth - 1, 0)
     # level l has ceil(n / s**(l+1)) nodes, numbered 0.., each with at most s inputs
     for level, js in levels.items():
         assert sorted(js) == list(range(math.ceil(n_blocks / s ** (level + 1))))
     assert all(1 <= f <= s for f in fanin)
-    # one estep task per block, each depending on the one parameters node
+    # what the caller combines: the top level, at most s parts (the blocks if depth <= 1)
+    top = levels[depth - 2] if depth >= 2 else list(range(n_blocks))
+    assert 1 <= len(top) <= s
+    # one estep task per block; the parameters ride inside each task, or in one shared node
     assert len(estep) == n_blocks
-    assert len(params) == 1
+    assert len(params) == (0 if embed else 1)
     for _, task in estep:
-        assert params[0] in task.dependencies
-    # the single root is the last reduce level (or the only estep task)
-    if depth:
-        assert levels[depth - 1] == [0]
+        assert len(task.dependencies) == (1 if embed else 2)  # the block (and the node)
+        if not embed:
+            assert params[0] in task.dependencies
+
+
+def test_large_arguments_travel_in_one_node():
+    """Arguments are copied into every task only while the copies total at most EMBED_BYTES."""
+    x, data = _data([4] * 8)
+    small = np.full(3, 2.0)
+    large = np.full(3 + reduce_module.EMBED_BYTES // 8 // 8, 2.0)  # 8 copies pass the limit
+    for scale, n_nodes in ((small, 0), (large, 1)):
+        rec = RecordingScheduler()
+        with dask.config.set(scheduler=rec):
+            out = map_reduce(data, lambda b, s, i, a: _block_stats(b, s, i, a[:3]), scale,
+                             combine=_combine, split_every=2)
+        np.testing.assert_allclose(out["sum"], 2.0 * x.sum(axis=0), rtol=1e-12)
+        assert len(_levels(rec.graphs[0])[1]) == n_nodes
 
 
 def test_tree_depth_matches_integer_count():
@@ -215,15 +237,26 @@ def test_task_prefixes_on_distributed(client):
         lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert "dmix-estep" in prefixes
     assert "dmix-reduce" in prefixes
-    assert "dmix-params" in prefixes
-    # the task stream of one call: 13 estep tasks and, with fan-in 3, 5 + 2 + 1 reduce tasks
+    # the task stream of one call: 13 estep tasks and, with fan-in 3, 5 + 2 reduce tasks (the
+    # client combines the last 2)
     with distributed.get_task_stream(client) as ts:
         out = map_reduce(data, _block_stats, 1.0, combine=_combine, split_every=3,
                          client=client)
     assert out["n"] == x.shape[0]
     names = [distributed.utils.key_split(t["key"]) for t in ts.data]
     assert names.count("dmix-estep") == len(UNEVEN)
-    assert names.count("dmix-reduce") == 5 + 2 + 1
+    assert names.count("dmix-reduce") == 5 + 2
+    assert "dmix-params" not in names  # a scalar argument rides inside the tasks
+
+
+def test_shared_parameters_node_on_distributed(client, monkeypatch):
+    monkeypatch.setattr(reduce_module, "EMBED_BYTES", -1)
+    x, data = _data(UNEVEN)
+    with distributed.get_task_stream(client) as ts:
+        out = map_reduce(data, _block_stats, 1.0, combine=_combine, client=client)
+    np.testing.assert_allclose(out["sum"], x.sum(axis=0), rtol=1e-12)
+    names = [distributed.utils.key_split(t["key"]) for t in ts.data]
+    assert names.count("dmix-params") == 1
 
 
 def test_resolve_client_explicit_and_local_scheduler(client):

@@ -410,3 +410,75 @@ def test_fit_does_not_modify_input():
     ro = data(n=50)
     ro.flags.writeable = False
     dmix.GaussianMixture(2, random_state=0).fit(ro).predict(ro)
+
+
+# -- the direct read of uncompressed local Zarr chunks -------------------------------------------
+
+
+def _direct(source) -> bool:
+    """Whether the source's blocks come from dmix's own read of the chunk files."""
+    return any(name.startswith("dmix-read-") for name in source.array.dask.layers)
+
+
+def _stored(tmp_path, x, chunk_rows, name="a.zarr", **kwargs):
+    path = str(tmp_path / name)
+    z = zarr.create_array(path, shape=x.shape, chunks=(chunk_rows, x.shape[1]), dtype=x.dtype,
+                          **kwargs)
+    z[:] = x
+    return path, z
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int32])
+@pytest.mark.parametrize("chunk_size", [None, 1, 37, 100, 130, 1003])
+def test_direct_read_equals_zarr(tmp_path, dtype, chunk_size):
+    """Blocks read straight from the chunk files equal zarr's own read, whatever the block
+    boundaries (inside chunks, across them, the partial last chunk), and chunks that were
+    never written (all fill value) read as the fill value."""
+    x = (data(n=1003, d=5, seed=3) * 100).astype(dtype)
+    x[200:300] = 0  # a whole chunk of fill values: zarr does not write it
+    path, z = _stored(tmp_path, x, 100, compressors=None)
+    assert not (tmp_path / "a.zarr" / "c" / "2" / "0").exists()
+    source = as_source(path, chunk_size=chunk_size)
+    assert _direct(source)
+    assert source.dtype == (np.float32 if dtype == np.float32 else np.float64)
+    got = source.array.compute()
+    np.testing.assert_array_equal(got, z[:].astype(source.dtype))
+    np.testing.assert_array_equal(got, x.astype(source.dtype))
+
+
+def test_direct_read_nonzero_fill_value_and_group_path(tmp_path):
+    x = data(n=50, d=2)
+    x[10:20] = -1.5
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    z = group.create_array("X", shape=x.shape, chunks=(10, 2), dtype="f8", fill_value=-1.5,
+                           compressors=None)
+    z[:] = x
+    source = as_source(str(tmp_path / "g.zarr"), chunk_size=15)
+    assert _direct(source)
+    np.testing.assert_array_equal(source.array.compute(), x)
+
+
+def test_direct_read_truncated_chunk_names_the_file(tmp_path):
+    x = data(n=40, d=2)
+    path, _ = _stored(tmp_path, x, 10, compressors=None)
+    chunk = tmp_path / "a.zarr" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    source = as_source(path, chunk_size=20)
+    with pytest.raises(DataError, match=r"chunk file .*c/1/0 is shorter than its chunk: "
+                                        r"expected 160 bytes, read 100"):
+        source.array.compute()
+
+
+@pytest.mark.parametrize("layout", ["compressed", "sharded", "column-chunks"])
+def test_other_layouts_read_through_zarr(tmp_path, layout):
+    """Compressed, sharded, or column-chunked stores are read by zarr (Dask's from_zarr)."""
+    x = data(n=60, d=4)
+    kwargs = {"compressed": {}, "sharded": {"shards": (20, 4), "compressors": None},
+              "column-chunks": {"compressors": None}}[layout]
+    path = str(tmp_path / "a.zarr")
+    z = zarr.create_array(path, shape=x.shape, dtype="f8",
+                          chunks=(10, 2) if layout == "column-chunks" else (10, 4), **kwargs)
+    z[:] = x
+    source = as_source(path)
+    assert not _direct(source)
+    np.testing.assert_array_equal(source.array.compute(), x)
