@@ -25,6 +25,8 @@ import dask
 import dask.array as da
 import numpy as np
 
+from dmix.io.source import direct_reads
+
 __all__ = [
     "DEFAULT_SPLIT_EVERY",
     "block_bytes_for",
@@ -49,7 +51,8 @@ _calls = itertools.count()
 
 
 def _run_chunk(chunk_fn, args, block, start, index):
-    return chunk_fn(block, start, index, *args)
+    """``block`` is the block, or a function that reads it: then it is read here."""
+    return chunk_fn(block() if callable(block) else block, start, index, *args)
 
 
 def _array_bytes(obj) -> int:
@@ -113,7 +116,13 @@ def map_reduce(
     split_every = _check_split_every(split_every)
     tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).tolist()
-    blocks = data.to_delayed(optimize_graph=False).ravel()
+    reads = direct_reads(data)
+    if reads is not None:
+        # Read from the chunk files inside the task that uses the block: one task per block,
+        # and no block waits in worker memory for its turn.
+        blocks = [functools.partial(read, lo, hi) for read, lo, hi in reads]
+    else:
+        blocks = data.to_delayed(optimize_graph=False).ravel()
     shared = _shared_args(args, len(blocks), tag)
     if shared is args:  # embedded: inside the callable, where Dask does not traverse them
         run, extra = dask.delayed(functools.partial(_run_chunk, chunk_fn, args), pure=True), ()

@@ -20,7 +20,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from dmix.errors import DataError
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "Source", "as_source", "check_visible_to_workers"]
+__all__ = ["DEFAULT_BLOCK_BYTES", "Source", "as_source", "check_visible_to_workers",
+           "direct_reads"]
 
 #: Target bytes of one row block when the caller gives no ``chunk_size``.
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -128,7 +129,7 @@ class _RawRows:
     """
 
     directory: str
-    chunk_keys: tuple[str, ...]
+    key_encoding: object  # the array's ChunkKeyEncoding: chunk coordinates -> file name
     chunk_rows: int
     n_features: int
     dtype: str
@@ -141,7 +142,7 @@ class _RawRows:
             first = c * self.chunk_rows
             r0, r1 = max(lo, first) - first, min(hi, first + self.chunk_rows) - first
             dest = out[first + r0 - lo : first + r1 - lo]
-            path = os.path.join(self.directory, self.chunk_keys[c])
+            path = os.path.join(self.directory, self.key_encoding.encode_chunk_key((c, 0)))
             try:
                 with open(path, "rb", buffering=0) as f:
                     f.seek(r0 * row_bytes)
@@ -175,10 +176,9 @@ def _raw_rows(z: zarr.Array) -> _RawRows | None:
     chunk_rows, chunk_cols = z.chunks
     if chunk_cols != z.shape[1]:
         return None
-    n_chunks = math.ceil(z.shape[0] / chunk_rows)
     return _RawRows(
         directory=os.path.join(os.path.abspath(str(z.store.root)), z.path),
-        chunk_keys=tuple(meta.encode_chunk_key((c, 0)) for c in range(n_chunks)),
+        key_encoding=meta.chunk_key_encoding,
         chunk_rows=chunk_rows, n_features=z.shape[1], dtype=dtype.str,
         fill_value=float(z.fill_value),
     )
@@ -198,6 +198,20 @@ def _from_zarr(z: zarr.Array, rows: int) -> da.Array:
     chunks = (tuple(hi - lo for lo, hi in bounds), (z.shape[1],))
     return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
                     chunks=chunks, dtype=np.dtype(z.dtype), meta=np.empty((0, 0), z.dtype))
+
+
+def direct_reads(array: da.Array) -> list[tuple] | None:
+    """``[(read, lo, hi), ...]``, one per block, if ``array`` is exactly a direct read of Zarr
+    chunk files (as :func:`as_source` makes it), else None. ``read(lo, hi)`` returns the
+    block: a pass can then read each block inside the task that uses it."""
+    if not array.name.startswith("dmix-read-") or len(array.dask.layers) != 1:
+        return None
+    layer = array.dask.layers[array.name]
+    tasks = [layer[(array.name, i, 0)] for i in range(array.numblocks[0])]
+    # Persisted, the same keys hold the blocks themselves (futures): nothing to read then.
+    if all(isinstance(t, tuple) and isinstance(t[0], _RawRows) for t in tasks):
+        return tasks
+    return None
 
 
 def _open_zarr(path, component: str | None, storage_options: dict | None):

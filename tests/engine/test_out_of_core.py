@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_limits
 import dmix
 from dmix.datasets import mixture_params
 from dmix.engine.reduce import place_data
-from dmix.io.source import _open_zarr, as_source
+from dmix.io.source import _open_zarr, as_source, direct_reads
 from dmix.io.store import write_blocks
 
 pytestmark = [
@@ -422,8 +422,11 @@ def test_fit_score_predict_never_modify_the_store(tmp_path, client):
 
     assert {p: _hash_tree(p) for p in stores} == before
 
-    # The array dmix opens, and the copy of it that travels to the workers, refuse writes.
-    for p in stores:
+    # The array dmix opens, and the copy of it that travels to the workers, refuse writes; an
+    # uncompressed store (the first) is read from its chunk files, opened for reading only.
+    assert direct_reads(as_source(str(path)).array) is not None
+    assert direct_reads(as_source(str(group_path)).array) is None  # zstd: through zarr
+    for p in stores[1:]:
         source = as_source(str(p))
         arrays = [v for v in dict(source.array.__dask_graph__()).values()
                   if isinstance(v, zarr.Array)]

@@ -274,3 +274,38 @@ def test_resolve_client_uses_default_client():
         with dask.config.set(scheduler=None):
             with distributed.Client(cluster) as default:
                 assert resolve_client() is default
+
+
+def test_direct_zarr_reads_happen_inside_the_block_tasks(tmp_path, client):
+    """An uncompressed local Zarr source is read by the tasks that use its blocks: the graph
+    has no separate read tasks, and the result equals the in-memory one, locally and on a
+    cluster; persisted, the same array's blocks are used as they are."""
+    import zarr
+
+    from dmix.io.source import as_source, direct_reads
+
+    x, _ = _data(UNEVEN, d=3, seed=4)
+    z = zarr.create_array(str(tmp_path / "x.zarr"), shape=x.shape, chunks=(7, 3), dtype="f8",
+                          compressors=None)
+    z[:] = x
+    data = as_source(str(tmp_path / "x.zarr"), chunk_size=10).array
+    assert direct_reads(data) is not None
+    expected = map_reduce(da.from_array(x, chunks=(10, 3)), _block_stats, 2.0,
+                          combine=_combine, split_every=3)
+    rec = RecordingScheduler()
+    with dask.config.set(scheduler=rec):
+        local = map_reduce(data, _block_stats, 2.0, combine=_combine, split_every=3)
+    assert not any(isinstance(k, tuple) or "read" in k for k in rec.graphs[0])
+    with distributed.get_task_stream(client) as ts:
+        remote = map_reduce(data, _block_stats, 2.0, combine=_combine, split_every=3,
+                            client=client)
+    assert {distributed.utils.key_split(t["key"]) for t in ts.data} == {"dmix-estep",
+                                                                        "dmix-reduce"}
+    persisted = client.persist(data)
+    assert direct_reads(persisted) is None
+    again = map_reduce(persisted, _block_stats, 2.0, combine=_combine, split_every=3,
+                       client=client)
+    for out in (local, remote, again):
+        assert out["starts"] == expected["starts"] and out["indices"] == expected["indices"]
+        np.testing.assert_array_equal(out["sum"], expected["sum"])
+        assert out["first"] == expected["first"]
