@@ -116,14 +116,15 @@ def map_reduce(
     split_every = _check_split_every(split_every)
     tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).tolist()
-    reads = direct_reads(data)
+    shared = _shared_args(args, data.numblocks[0], tag)
+    # Uncompressed local Zarr blocks are read inside the task that uses them (one task per
+    # block; no block waits in worker memory). Not with a shared parameters node: a task whose
+    # only input is that node would be placed where it is, and every block would run there.
+    reads = direct_reads(data) if shared is args else None
     if reads is not None:
-        # Read from the chunk files inside the task that uses the block: one task per block,
-        # and no block waits in worker memory for its turn.
         blocks = [functools.partial(read, lo, hi) for read, lo, hi in reads]
     else:
         blocks = data.to_delayed(optimize_graph=False).ravel()
-    shared = _shared_args(args, len(blocks), tag)
     if shared is args:  # embedded: inside the callable, where Dask does not traverse them
         run, extra = dask.delayed(functools.partial(_run_chunk, chunk_fn, args), pure=True), ()
     else:

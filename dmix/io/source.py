@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.highlevelgraph import HighLevelGraph
+from zarr.codecs import BytesCodec
 
 from dmix.errors import DataError
 
@@ -164,14 +165,11 @@ def _raw_rows(z: zarr.Array) -> _RawRows | None:
     meta = z.metadata
     if meta.zarr_format != 3 or not isinstance(z.store, zarr.storage.LocalStore):
         return None
-    codecs = meta.codecs
     dtype = np.dtype(z.dtype)
-    little = dtype.itemsize == 1 or (
-        len(codecs) == 1 and getattr(codecs[0], "endian", None) is not None
-        and codecs[0].endian.value == "little"
-    )
-    if not (len(codecs) == 1 and type(codecs[0]).__name__ == "BytesCodec" and little
-            and sys.byteorder == "little" and dtype.kind in "fiub"):
+    codecs = meta.codecs
+    plain = len(codecs) == 1 and isinstance(codecs[0], BytesCodec)  # no compression, transpose
+    little = plain and (dtype.itemsize == 1 or getattr(codecs[0].endian, "value", "") == "little")
+    if not (little and sys.byteorder == "little" and dtype.kind in "fiub"):
         return None
     chunk_rows, chunk_cols = z.chunks
     if chunk_cols != z.shape[1]:

@@ -301,11 +301,19 @@ def test_direct_zarr_reads_happen_inside_the_block_tasks(tmp_path, client):
                             client=client)
     assert {distributed.utils.key_split(t["key"]) for t in ts.data} == {"dmix-estep",
                                                                         "dmix-reduce"}
+    # With a shared parameters node the blocks stay tasks of their own, so that placement
+    # follows them (a task whose only input is the node would run where the node is).
+    rec = RecordingScheduler()
+    with dask.config.set(scheduler=rec), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reduce_module, "EMBED_BYTES", -1)
+        shared = map_reduce(data, _block_stats, 2.0, combine=_combine, split_every=3)
+    assert sum(isinstance(k, tuple) and k[0].startswith("dmix-read-") for k in rec.graphs[0]) \
+        == data.numblocks[0] == 11
     persisted = client.persist(data)
     assert direct_reads(persisted) is None
     again = map_reduce(persisted, _block_stats, 2.0, combine=_combine, split_every=3,
                        client=client)
-    for out in (local, remote, again):
+    for out in (local, remote, shared, again):
         assert out["starts"] == expected["starts"] and out["indices"] == expected["indices"]
         np.testing.assert_array_equal(out["sum"], expected["sum"])
         assert out["first"] == expected["first"]
