@@ -35,13 +35,17 @@ __all__ = [
     "run_em",
 ]
 
-#: Rows per E-step sub-batch inside a block. Measured on the Gaussian family (1 core, D = 16..64,
-#: K = 16..32): 1024-4096 rows are within 10% of the best; 256 rows are up to 40% slower (small
-#: matrix products), 20,000 rows 30% slower (temporaries fall out of cache).
-SUBBATCH_ROWS = 2048
+#: Rows per E-step sub-batch inside a block. Measured on the Gaussian family (1 core, 1 MiB L2
+#: cache, D = 16..64, K = 16..64): 256 rows are up to 40% slower (small matrix products) and
+#: 20,000 rows 30% slower (temporaries fall out of cache). At D = K = 16 the diagonal E-step
+#: ran 17% slower with 2000-2048 rows than with 1792, where its temporaries and rows still fit
+#: in L2.
+SUBBATCH_ROWS = 1792
 
-#: Cap on the bytes of E-step temporaries per sub-batch, for families with large per-row ones.
-SUBBATCH_BYTES = 32 * 2**20
+#: Cap on the bytes of E-step temporaries per sub-batch (fewer rows when they are larger): the
+#: full-covariance E-step at D = 32..64 ran 13-20% faster with 4 MiB than with 32 MiB, the size
+#: of the whole (shared) L3 cache here.
+SUBBATCH_BYTES = 4 * 2**20
 
 
 @dataclass

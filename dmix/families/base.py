@@ -45,7 +45,10 @@ class Family(Protocol):
         """Statistics of one block ``x`` (n, D) at ``params``. Pure; runs on a worker.
 
         ``workspace`` (a :class:`dmix.xp.Workspace`) holds scratch buffers that the engine
-        reuses across the sub-batches of a block; a family may ignore it.
+        reuses across the sub-batches of a block; a family may ignore it. Statistics returned
+        with a workspace may be views of its buffers, valid until the next call with it: the
+        engine adds each sub-batch's statistics into its running sums at once
+        (:func:`tree_accumulate`).
         """
 
     def combine(self, a: Stats, b: Stats) -> Stats:

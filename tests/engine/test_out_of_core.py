@@ -51,7 +51,7 @@ SEED = 3
 # blocks. With dmix's default of 32 MiB blocks a worker peaks near 290 MB, past the 70% spill
 # threshold (280 MB), and logs "Unmanaged memory use is high": ~150 MB of imports, two queued
 # blocks (root-task queuing, worker-saturation 1.1) and the running task's block plus its
-# E-step temporaries (SUBBATCH_BYTES = 32 MiB for diag, whatever the block size).
+# E-step temporaries (at most SUBBATCH_BYTES, whatever the block size).
 STORED_ROWS = CHUNK_ROWS = 1 << 17
 WRITE_ROWS = 1 << 20  # rows per write_blocks call: 128 MiB
 MEMORY_LIMIT = 400e6  # bytes per worker
