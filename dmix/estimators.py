@@ -1,7 +1,7 @@
 """scikit-learn style estimators over the engine.
 
 :class:`GaussianMixture` takes scikit-learn's constructor parameters with the same defaults and
-meaning, plus ``chunk_size``, ``client`` and ``split_every``. NumPy input gives NumPy output;
+meaning, plus ``chunk_size``, ``client``, ``split_every``, ``persist``, ``device`` and ``dtype``. NumPy input gives NumPy output;
 Dask, Zarr and path inputs are streamed and array results come back as lazy Dask arrays.
 """
 
@@ -19,8 +19,10 @@ from dmix.engine import init as _init
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
 from dmix.engine.reduce import (
     block_bytes_for,
+    check_device_everywhere,
     map_blocks,
     place_data,
+    place_on_device,
     resolve_client,
     worker_slots,
 )
@@ -31,6 +33,7 @@ from dmix.families.gaussian import Gaussian
 from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint, digest
 from dmix.io.source import as_source, check_visible_to_workers
 from dmix.rng import seed_sequence_int
+from dmix.xp import Compute
 
 __all__ = ["GaussianMixture", "resume"]
 
@@ -79,6 +82,17 @@ default='full'
         Keep the data in cluster memory between iterations (True) or stream them from their
         store every iteration (False). 'auto' persists when they take at most half of the
         workers' memory limits (of free memory without a cluster), and streams otherwise.
+        With ``device='cuda'`` on a cluster, the E-step's blocks also stay in GPU memory when
+        they take at most half of it (dask-cuda spills them to host memory past its device
+        memory limit); otherwise they are copied to the GPUs every pass.
+    device : {'cpu', 'cuda'}, default='cpu'
+        Where the E-step runs. 'cuda': every task copies its block to its worker's GPU (one
+        worker per GPU, as dask-cuda starts them), computes there with CuPy, and returns NumPy
+        statistics; the client and the scheduler need no GPU. Initialisation passes and the
+        M-step run on the CPU.
+    dtype : {'float32', 'float64'}, optional
+        Precision of the E-step arithmetic; statistics are summed in float64 either way.
+        Default: float32 on 'cuda', float64 on 'cpu'.
 
     Attributes
     ----------
@@ -117,6 +131,8 @@ default='full'
         client=None,
         split_every=None,
         persist="auto",
+        device="cpu",
+        dtype=None,
         checkpoint=None,
         checkpoint_every=1,
         checkpoint_keep=3,
@@ -139,6 +155,8 @@ default='full'
         self.client = client
         self.split_every = split_every
         self.persist = persist
+        self.device = device
+        self.dtype = dtype
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.checkpoint_keep = checkpoint_keep
@@ -160,6 +178,10 @@ default='full'
             raise InvalidParameterError(
                 f"The 'persist' parameter of {name} must be 'auto', True or False. "
                 f"Got {self.persist!r} instead.")
+        try:
+            Compute.from_options(self.device, self.dtype)
+        except ValueError as exc:
+            raise InvalidParameterError(f"Invalid 'device' or 'dtype' of {name}: {exc}") from None
         options = [*COVARIANCE_TYPES, "tied_full"]
         if self.covariance_type not in options:
             raise InvalidParameterError(
@@ -240,6 +262,10 @@ default='full'
     # -- fitting ----------------------------------------------------------------------------
 
     @property
+    def _compute(self) -> Compute:
+        return Compute.from_options(self.device, self.dtype)
+
+    @property
     def _family(self) -> Gaussian:
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar))
@@ -282,6 +308,8 @@ default='full'
         n_features = source.shape[1]
         user = self._check_user_init(family, n_features)
         check_visible_to_workers(X, client)
+        compute = self._compute
+        check_device_everywhere(compute, client)
         data = place_data(source.array, client, in_memory=source.in_memory,
                           persist=self.persist)
         monitor = monitor or VerboseMonitor(self.verbose, self.verbose_interval)
@@ -315,10 +343,13 @@ default='full'
             return params
 
         tic = time.perf_counter()
+        # Initialisation reads ``data`` on the CPU; the E-steps read the blocks on the device.
+        em_data = place_on_device(data, client, compute, persist=self.persist)
         result = fit_em(
-            family, data, initialize, n_init=n_init, max_iter=self.max_iter, tol=self.tol,
+            family, em_data, initialize, n_init=n_init, max_iter=self.max_iter, tol=self.tol,
             lower_bound=-math.inf if do_init else self.lower_bound_, monitor=monitor,
-            checkpoint=ckpt, resume=None if loaded is None else loaded.snapshot, **passes)
+            checkpoint=ckpt, resume=None if loaded is None else loaded.snapshot,
+            compute=compute, **passes)
         self._set_params(family, result.params)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
@@ -414,12 +445,15 @@ default='full'
         source = self._source(X)
         family = self._family
         fn = getattr(family, method)
+        compute = self._compute
         if source.local is not None:
+            check_device_everywhere(compute, None)
             return apply_batched(source.local, fn, family, self._params, self.n_components,
-                                 source=source.description)
+                                 source=source.description, compute=compute)
         return map_blocks(source.array, _apply_batched, fn, family, self._params,
-                          self.n_components, source.description, out_columns=out_columns,
-                          dtype=np.float64, label=method.replace("_", ""))
+                          self.n_components, source.description, compute,
+                          out_columns=out_columns, dtype=np.float64,
+                          label=method.replace("_", ""))
 
     def score_samples(self, X):
         """Log-likelihood of each row, shape (n_samples,)."""
@@ -439,8 +473,10 @@ default='full'
         self._check_is_fitted()
         client = resolve_client(self.client)
         source = self._source(X, client=client)
+        compute = self._compute
+        check_device_everywhere(compute, client)
         stats = estep_pass(self._family, source.array, self._params, source=source.description,
-                           split_every=self.split_every, client=client)
+                           split_every=self.split_every, client=client, compute=compute)
         return float(stats["loglik"] / stats["n"])
 
     def _n_parameters(self) -> int:
@@ -469,9 +505,9 @@ default='full'
         return self._family.sample(self._params, int(n_samples), rng)
 
 
-def _apply_batched(x, fn, family, params, n_components, source, *, start, index):
+def _apply_batched(x, fn, family, params, n_components, source, compute, *, start, index):
     return apply_batched(x, fn, family, params, n_components, start=start, index=index,
-                         source=source)
+                         source=source, compute=compute)
 
 
 def _version() -> str:
@@ -490,7 +526,8 @@ def _versions() -> dict:
 _ESTIMATORS = {"GaussianMixture": GaussianMixture}
 
 
-def resume(checkpoint, data=None, *, max_iter=None, client=None, monitor: Monitor | None = None):
+def resume(checkpoint, data=None, *, max_iter=None, client=None, device=None, dtype=None,
+           monitor: Monitor | None = None):
     """Continue the fit whose checkpoints are in ``checkpoint``; return the fitted estimator.
 
     The estimator is rebuilt from the options saved with the checkpoints and fitted with
@@ -509,6 +546,9 @@ def resume(checkpoint, data=None, *, max_iter=None, client=None, monitor: Monito
         ended are not continued.
     client : distributed.Client, optional
         The cluster to continue on (default: the current default client, else local).
+    device, dtype : str, optional
+        Where and in which precision the E-steps continue (default: as in the interrupted
+        fit). A fit started on GPUs can go on on CPUs, and the other way round.
     monitor : dmix.engine.Monitor, optional
         Receives progress, as in ``fit``.
 
@@ -543,4 +583,7 @@ def resume(checkpoint, data=None, *, max_iter=None, client=None, monitor: Monito
                     checkpoint=os.fspath(checkpoint), client=client, **loaded.user_init)
     if max_iter is not None:
         settings["max_iter"] = max_iter
+    for key, value in (("device", device), ("dtype", dtype)):
+        if value is not None:
+            settings[key] = value
     return cls(**settings).fit(data, resume=True, monitor=monitor)

@@ -7,17 +7,22 @@ for what the array API lacks (``logsumexp``) or spells differently between backe
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "DEVICES",
+    "Compute",
     "Workspace",
     "asarray_f64",
+    "batches",
+    "check_device",
     "get_namespace",
     "is_cupy",
     "logsumexp",
-    "normalize_log",
     "quiet_nonfinite",
+    "to_device",
     "to_host",
 ]
 
@@ -74,21 +79,28 @@ def logsumexp(a, axis: int, xp):
 
 
 class Workspace:
-    """Scratch arrays reused across the sub-batches of one block.
+    """Scratch arrays reused across the sub-batches of one block, in the compute ``dtype``.
 
     Allocating a fresh multi-megabyte temporary per sub-batch is slow on Dask workers: the
     Nanny sets ``MALLOC_TRIM_THRESHOLD_``, which turns off glibc's adaptive mmap threshold, so
     every such array is mmapped, page-faulted and unmapped again (measured here: 4x slower
     E-steps). Methods that take a workspace write their large temporaries into its buffers.
+    Their arithmetic runs in the workspace's ``dtype`` (float64 unless the caller asks for
+    float32); the statistics they return are float64 whatever it is.
     """
 
-    def __init__(self):
+    def __init__(self, dtype="float64"):
+        self.dtype = np.dtype(dtype)
         self._flat: dict = {}
         self._memo: dict = {}
 
+    def asarray(self, a, xp):
+        """``a`` (parameters, usually NumPy float64) as an ``xp`` array of the compute dtype."""
+        return xp.asarray(a, dtype=self.dtype)
+
     def take(self, name: str, shape: tuple, xp, dtype=None):
         """An uninitialised array of ``shape`` backed by the buffer called ``name``."""
-        dtype = xp.float64 if dtype is None else dtype
+        dtype = self.dtype if dtype is None else dtype
         size = 1
         for s in shape:
             size *= int(s)
@@ -112,28 +124,92 @@ class Workspace:
         return held[1]
 
 
-#: Floor of the shifted log-probabilities before ``exp``: ``exp(-700) = 1e-304`` is still a
-#: normal float64. Below about -708 the results are subnormal or underflow, and NumPy's exp then
-#: leaves its vector path: measured here 20-30x slower per element, which made the E-step of
-#: well-separated mixtures (most entries far below -745) 30% slower. A responsibility of
-#: 1e-304 instead of 0 changes no sum by more than 1e-300 relative.
-EXP_FLOOR = -700.0
+#: Devices an E-step can run on.
+DEVICES = ("cpu", "cuda")
+_DTYPES = ("float32", "float64")
 
 
-def normalize_log(wlp, out, xp, axis: int = 1):
-    """Responsibilities and log-normaliser from weighted log-probabilities, in one sweep.
+@dataclass(frozen=True)
+class Compute:
+    """Where and in which precision the E-step runs (statistics are float64 either way).
 
-    Along ``axis`` (the components), ``out = exp(wlp - logsumexp(wlp))`` is written into
-    ``out`` (may be ``wlp`` itself); returns ``logsumexp(wlp, axis)``. A row whose entries are
-    all ``-inf`` or contain ``nan`` gives a non-finite log-normaliser, which the caller counts.
-    Entries more than 700 below their row's maximum get :data:`EXP_FLOOR`'s tiny weight.
+    ``device="cuda"``: every task copies its block to the worker's GPU (device 0 of the
+    worker's visible devices), computes there, and returns NumPy statistics, so the graph, the
+    scheduler and the client stay NumPy-only.
     """
-    amax = xp.max(wlp, axis=axis, keepdims=True)
-    finite_max = xp.where(xp.isfinite(amax), amax, 0.0)
-    xp.subtract(wlp, finite_max, out=out)
-    xp.maximum(out, EXP_FLOOR, out=out)  # nan stays nan
-    xp.exp(out, out=out)
-    total = xp.sum(out, axis=axis, keepdims=True)
-    out /= total
-    # Adding the raw maximum: a row of -inf (or +inf) gives a non-finite result, so is counted.
-    return xp.squeeze(xp.log(total) + amax, axis=axis)
+
+    device: str = "cpu"
+    dtype: str = "float64"
+
+    @classmethod
+    def from_options(cls, device="cpu", dtype=None) -> Compute:
+        """Validate user options; ``dtype=None`` is float32 on ``cuda``, float64 on ``cpu``."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}. Got {device!r} instead.")
+        if dtype is None:
+            dtype = "float32" if device == "cuda" else "float64"
+        name = getattr(np.dtype(dtype), "name", None) if _is_dtype(dtype) else None
+        if name not in _DTYPES:
+            raise ValueError(f"dtype must be 'float32', 'float64' or None. Got {dtype!r} "
+                             "instead.")
+        return cls(device, name)
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+
+def _is_dtype(dtype) -> bool:
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        return False
+    return True
+
+
+def check_device(device: str) -> str:
+    """Raise a clear error if ``device`` cannot run here; return a description of it.
+
+    Run on every worker before a fit (the client itself needs no GPU).
+    """
+    if device == "cpu":
+        return "cpu"
+    try:
+        import cupy
+    except ImportError:
+        raise RuntimeError(
+            "device='cuda' needs CuPy on every Dask worker (and on this process when there is "
+            "no cluster): pip install 'dmix[gpu]'."
+        ) from None
+    if not cupy.is_available():
+        raise RuntimeError(
+            "device='cuda', but CuPy finds no usable CUDA GPU here (cupy.is_available() is "
+            "False). Check the driver and CUDA_VISIBLE_DEVICES, or use device='cpu'."
+        )
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+
+def to_device(x, compute: Compute):
+    """Block ``x`` on ``compute.device``: CuPy of the compute dtype on ``cuda``, else as is."""
+    if compute.device == "cpu":
+        return x
+    import cupy
+
+    return cupy.asarray(x, dtype=compute.dtype)
+
+
+def batches(x, rows: int, compute: Compute):
+    """Sub-batches of ``rows`` rows of block ``x``, on ``compute.device``.
+
+    On the CPU they are views of ``x`` (the family casts them into its workspace's dtype). On
+    CUDA, :func:`dmix.kernels.transfer.device_batches` copies them, the next one's copy
+    overlapping the current one's compute; each is valid until the next is taken.
+    """
+    if compute.device == "cpu":
+        for lo in range(0, max(1, x.shape[0]), rows):
+            yield x[lo : lo + rows]
+        return
+    from dmix.kernels.transfer import device_batches
+
+    yield from device_batches(x, rows, compute.dtype)

@@ -53,8 +53,8 @@ def fitted(X):
 ALL_PARAMS = sorted(["n_components", "covariance_type", "tol", "reg_covar", "max_iter",
                      "n_init", "init_params", "weights_init", "means_init", "precisions_init",
                      "random_state", "warm_start", "verbose", "verbose_interval", "chunk_size",
-                     "client", "split_every", "persist", "checkpoint", "checkpoint_every",
-                     "checkpoint_keep"])
+                     "client", "split_every", "persist", "device", "dtype", "checkpoint",
+                     "checkpoint_every", "checkpoint_keep"])
 
 
 def test_get_params_defaults_like_sklearn():
@@ -65,6 +65,7 @@ def test_get_params_defaults_like_sklearn():
         assert params[name] == value, name
     assert params["chunk_size"] is None and params["client"] is None
     assert params["split_every"] is None and params["persist"] == "auto"
+    assert params["device"] == "cpu" and params["dtype"] is None
     assert params["checkpoint"] is None
     assert (params["checkpoint_every"], params["checkpoint_keep"]) == (1, 3)
     assert dmix.GaussianMixture().get_params(deep=False) == params

@@ -135,11 +135,53 @@ class ProgressMonitor(Monitor):
 # -- the cluster -----------------------------------------------------------------------------
 
 
+def _gpus(text: str) -> str | int:
+    """``--gpus``: 'all' or a positive number of GPUs."""
+    if text.strip().lower() == "all":
+        return "all"
+    return _positive_int(text)
+
+
+def compute_options(args) -> dict:
+    """``device`` and ``dtype`` of the estimator from ``--device``, ``--compute-dtype`` and
+    ``--gpus`` (which implies ``--device cuda``)."""
+    device = args.device or ("cuda" if args.gpus is not None else "cpu")
+    if device == "cpu" and args.gpus is not None:
+        raise DmixError("--gpus starts one worker per GPU for --device cuda; it cannot be "
+                        "used with --device cpu.")
+    return {"device": device, "dtype": args.compute_dtype}
+
+
+def _local_cuda_cluster(gpus, dashboard_address: str):
+    """A dask-cuda ``LocalCUDACluster``: one worker process per GPU (``gpus``: 'all' or N)."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise DmixError("--gpus needs dask-cuda (and CuPy): pip install 'dmix[gpu]'.") from None
+    options = {}
+    if gpus != "all":
+        options["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    return LocalCUDACluster(dashboard_address=dashboard_address, **options)
+
+
 @contextlib.contextmanager
-def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address: str):
-    """A ``distributed.Client``: to ``scheduler`` if given, else to a new in-process cluster."""
+def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address: str,
+                 gpus=None):
+    """A ``distributed.Client``: to ``scheduler`` if given, else to a new in-process cluster
+    (of one worker per GPU with ``gpus``)."""
     from distributed import Client, LocalCluster
 
+    if scheduler and gpus is not None:
+        raise DmixError("--gpus starts a local cluster; with --scheduler, start one "
+                        "'dask cuda worker SCHEDULER' process per GPU host instead (cluster/"
+                        "gpu.md) and pass --device cuda.")
+    if gpus is not None:
+        with _local_cuda_cluster(gpus, dashboard_address) as cluster, Client(cluster) as client:
+            n = len(client.scheduler_info()["workers"])
+            _say(f"Started a local Dask CUDA cluster: {n} worker process(es), one per GPU")
+            _say(f"Dask dashboard: {client.dashboard_link}")
+            yield client
+        return
     if scheduler:
         try:
             client = Client(scheduler)  # timeout: distributed.comm.timeouts.connect
@@ -175,6 +217,14 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD, metavar="ADDR",
                    help="where the local cluster serves its dashboard (default %(default)s; "
                         "':0' picks a free port)")
+    g.add_argument("--gpus", type=_gpus, metavar="all|N",
+                   help="start a local cluster of one worker per GPU (all of them, or the "
+                        "first N; needs dmix[gpu]) and compute on them")
+    g.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where the E-steps run (default: cuda with --gpus, else cpu)")
+    g.add_argument("--compute-dtype", choices=["float32", "float64"],
+                   help="precision of the E-step arithmetic (default: float32 on cuda, "
+                        "float64 on cpu); statistics are summed in float64")
 
 
 

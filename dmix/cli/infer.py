@@ -48,6 +48,7 @@ from dmix.cli._common import (
     _non_negative_int,
     _positive_int,
     _say,
+    compute_options,
 )
 from dmix.datasets import mixture_rows
 from dmix.errors import DataError
@@ -227,8 +228,9 @@ def _cmd_score(args) -> int:
     _say(_describe_model(args.model, est))
     with output_group(args.output, overwrite=args.overwrite, inputs=(data, args.model),
                       what="the log-densities") as group, \
-            _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
-        est.set_params(client=client)
+            _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
+                      args.gpus) as client:
+        est.set_params(client=client, **compute_options(args))
         tic = time.perf_counter()
         written = write_arrays(group, {"log_density": est.score_samples(data)},
                                dtypes={"log_density": np.float64},
@@ -260,8 +262,9 @@ def _cmd_predict(args) -> int:
     counts = functools.partial(np.bincount, minlength=k)
     with output_group(args.output, overwrite=args.overwrite, inputs=(data, args.model),
                       what=what) as group, \
-            _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
-        est.set_params(client=client)
+            _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
+                      args.gpus) as client:
+        est.set_params(client=client, **compute_options(args))
         tic = time.perf_counter()
         if args.proba:
             proba = est.predict_proba(data)
@@ -321,7 +324,8 @@ def _cmd_sample(args) -> int:
     _say(_describe_model(args.model, est))
     with output_group(args.output, overwrite=args.overwrite, inputs=(args.model,),
                       what=what) as group, \
-            _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+            _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
+                      args.gpus) as client:
         tic = time.perf_counter()
         written = write_generated(
             group, n, block_fn, {"X": ((d,), np.float64), "labels": ((), np.int64)}, rows,

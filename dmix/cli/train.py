@@ -24,6 +24,7 @@ from dmix.cli._common import (
     _positive_float,
     _positive_int,
     _say,
+    compute_options,
 )
 from dmix.datasets import make_mixture, match_components
 from dmix.errors import DmixError
@@ -110,6 +111,7 @@ def _estimator(args, client):
         checkpoint=getattr(args, "checkpoint", None),
         checkpoint_every=getattr(args, "checkpoint_every", 1),
         checkpoint_keep=getattr(args, "checkpoint_keep", 3),
+        **compute_options(args),
     )
 
 
@@ -177,12 +179,14 @@ def _finish(est, source, data: str, args) -> None:
 
 
 def _cmd_fit(args) -> int:
+    compute_options(args)  # option errors before a cluster starts
     data = args.data if not args.array else f"{args.data.rstrip('/')}/{args.array}"
     source = as_source(data, chunk_size=args.chunk_size)
     if args.output:  # before the fit, not after: a fit can take hours
         check_model_target(args.output, args.overwrite)
     _say(_data_summary(source))
-    with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+    with _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
+                      args.gpus) as client:
         est = _estimator(args, client)
         _fit(lambda monitor: est.fit(data, resume=args.resume, monitor=monitor), est.n_init,
              est.init_params)
@@ -194,6 +198,7 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_resume(args) -> int:
+    compute_options(args)  # option errors before a cluster starts
     with warnings.catch_warnings():  # the fit below reports what load() warns about
         warnings.simplefilter("ignore")
         loaded = CheckpointDir(args.checkpoint).load()
@@ -208,9 +213,13 @@ def _cmd_resume(args) -> int:
         check_model_target(args.output, args.overwrite)
     source = as_source(data, chunk_size=settings["chunk_size"])
     _say(_data_summary(source))
-    with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+    with _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
+                      args.gpus) as client:
+        compute = compute_options(args) if args.device or args.gpus is not None else {}
+        if args.compute_dtype:
+            compute["dtype"] = args.compute_dtype
         est = _fit(lambda monitor: dmix_resume(args.checkpoint, data, max_iter=args.max_iter,
-                                               client=client, monitor=monitor),
+                                               client=client, monitor=monitor, **compute),
                    loaded.attrs["options"]["n_init"], settings["init_params"])
     _finish(est, source, data, args)
     return 0
@@ -276,6 +285,7 @@ def _compare_with_truth(est, truth: dict) -> None:
 
 
 def _cmd_quickstart(args) -> int:
+    compute_options(args)  # option errors before a cluster starts
     tic = time.perf_counter()
     dataset = make_mixture(args.n_samples, args.n_features, args.n_components, args.seed,
                            dtype=args.dtype, separation=args.separation)
@@ -291,7 +301,8 @@ def _cmd_quickstart(args) -> int:
         _write_dataset(path, dataset, args.chunk_size, None, True, min(4, _cpu_count()))
         source = as_source(path, chunk_size=args.chunk_size)
         _say(_data_summary(source))
-        with _dask_client(args.scheduler, args.n_workers, args.dashboard_address) as client:
+        with _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
+                      args.gpus) as client:
             est = _estimator(args, client)
             _fit(lambda monitor: est.fit(path, monitor=monitor), est.n_init, est.init_params)
             dashboard = client.dashboard_link

@@ -21,7 +21,7 @@ import numpy as np
 from dmix.engine.reduce import map_reduce
 from dmix.errors import ConvergenceWarning, DataError
 from dmix.families.base import Params, State, Stats, tree_accumulate
-from dmix.xp import Workspace, get_namespace
+from dmix.xp import Compute, Workspace, batches, get_namespace, to_host
 
 __all__ = [
     "Checkpointer",
@@ -46,6 +46,13 @@ SUBBATCH_ROWS = 1792
 #: full-covariance E-step at D = 32..64 ran 13-20% faster with 4 MiB than with 32 MiB, the size
 #: of the whole (shared) L3 cache here.
 SUBBATCH_BYTES = 4 * 2**20
+
+#: The cap on a GPU, where large products are what keeps the device busy: 29,000 rows of a
+#: float32 diagonal E-step at D = 128, K = 1024, 30,000 at D = 64, K = 64 full. (Chosen so
+#: that GEMMs have tens of thousands of rows, which run near cuBLAS's peak; not yet measured.)
+GPU_SUBBATCH_BYTES = 256 * 2**20
+
+_CPU = Compute()
 
 
 @dataclass
@@ -98,9 +105,13 @@ class History(Monitor):
         self.records.append(record)
 
 
-def batch_rows(family, n_features: int, n_components: int) -> int:
-    """Rows per sub-batch: :data:`SUBBATCH_ROWS`, fewer if temporaries pass :data:`SUBBATCH_BYTES`."""
-    per_row = max(1, family.temp_bytes_per_row(n_features, n_components))
+def batch_rows(family, n_features: int, n_components: int, compute: Compute = _CPU) -> int:
+    """Rows per sub-batch: :data:`SUBBATCH_ROWS`, fewer if temporaries pass
+    :data:`SUBBATCH_BYTES`; on a GPU as many as :data:`GPU_SUBBATCH_BYTES` holds."""
+    # temp_bytes_per_row counts float64 temporaries; float32 compute halves them.
+    per_row = max(1, family.temp_bytes_per_row(n_features, n_components) * compute.itemsize // 8)
+    if compute.device == "cuda":
+        return max(64, GPU_SUBBATCH_BYTES // per_row)
     return max(64, min(SUBBATCH_ROWS, SUBBATCH_BYTES // per_row))
 
 
@@ -122,46 +133,50 @@ def nonfinite_error(x, start: int, index: int, source: str, n_bad: int) -> DataE
 
 
 def apply_batched(x, fn, family, params, n_components: int, *, start: int = 0, index: int = 0,
-                  source: str = "the input"):
-    """``fn(params, x_batch, xp, workspace)`` over sub-batches of ``x``, concatenated along rows.
+                  source: str = "the input", compute: Compute = _CPU):
+    """``fn(params, x_batch, xp, workspace)`` over sub-batches of ``x`` on ``compute.device``,
+    concatenated along rows as a float64 NumPy array.
 
     Raises :class:`~dmix.errors.DataError` naming the chunk and rows if a result is not finite.
     """
-    xp, ws = get_namespace(x), Workspace()
-    rows = batch_rows(family, x.shape[1], n_components)
-    out = [fn(params, x[lo : lo + rows], xp, ws) for lo in range(0, max(1, x.shape[0]), rows)]
-    out = out[0] if len(out) == 1 else xp.concatenate(out)
-    finite = xp.isfinite(out) if out.ndim == 1 else xp.all(xp.isfinite(out), axis=1)
-    n_bad = int(out.shape[0] - int(xp.count_nonzero(finite)))
+    ws = Workspace(compute.dtype)
+    rows = batch_rows(family, x.shape[1], n_components, compute)
+    out = [np.asarray(to_host(fn(params, part, get_namespace(part), ws)), dtype=np.float64)
+           for part in batches(x, rows, compute)]
+    out = out[0] if len(out) == 1 else np.concatenate(out)
+    finite = np.isfinite(out) if out.ndim == 1 else np.all(np.isfinite(out), axis=1)
+    n_bad = int(out.shape[0] - int(np.count_nonzero(finite)))
     if n_bad:
         raise nonfinite_error(x, start, index, source, n_bad)
     return out
 
 
-def _estep_block(x, start, index, family, params, rows, source):
+def _estep_block(x, start, index, family, params, rows, source, compute=_CPU):
     """Per block on a worker: the family's E-step over sub-batches, summed in place.
 
     Statistics are additive (``dmix.families.base``); summing into one set of arrays and
     reusing the workspace leaves no allocation per sub-batch, which is what makes sub-batches
-    on Dask workers as fast as in a plain process (see :class:`~dmix.xp.Workspace`).
+    on Dask workers as fast as in a plain process (see :class:`~dmix.xp.Workspace`). On a
+    GPU the sub-batches are copied to the device as they are computed; the statistics come
+    back as float64 NumPy arrays, summed here on the host.
     """
-    xp = get_namespace(x)
-    stats, workspace = None, Workspace()
-    for lo in range(0, max(1, x.shape[0]), rows):
-        part = family.estep(params, x[lo : lo + rows], xp, workspace=workspace)
-        stats = tree_accumulate(stats, part)
+    stats, workspace = None, Workspace(compute.dtype)
+    for part in batches(x, rows, compute):
+        stats = tree_accumulate(
+            stats, family.estep(params, part, get_namespace(part), workspace=workspace))
     if stats["n_nonfinite"]:
         raise nonfinite_error(x, start, index, source, int(stats["n_nonfinite"]))
     return stats
 
 
 def estep_pass(family, data, params: Params, *, source="the data", split_every=None,
-               client=None) -> Stats:
-    """One pass over ``data``: the family's statistics at ``params``, reduced over all blocks."""
+               client=None, compute: Compute = _CPU) -> Stats:
+    """One pass over ``data``: the family's statistics at ``params``, reduced over all blocks,
+    each block's E-step computed on ``compute.device`` in ``compute.dtype``."""
     k, d = np.shape(params["means"]) if "means" in params else (1, data.shape[1])
-    rows = batch_rows(family, data.shape[1], k)
+    rows = batch_rows(family, data.shape[1], k, compute)
     return map_reduce(
-        data, _estep_block, family, params, rows, source,
+        data, _estep_block, family, params, rows, source, compute,
         combine=family.combine, split_every=split_every, label="estep", client=client,
     )
 
@@ -206,6 +221,7 @@ def run_em(
     source: str = "the data",
     split_every: int | None = None,
     client=None,
+    compute: Compute = _CPU,
     monitor: Monitor | None = None,
     start: EMResult | None = None,
     state: State | None = None,
@@ -226,7 +242,7 @@ def run_em(
     while not _finished(result, max_iter):
         tic = time.perf_counter()
         stats = estep_pass(family, data, params, source=source, split_every=split_every,
-                           client=client)
+                           client=client, compute=compute)
         params, state = family.mstep(params, stats, state)
         previous, lower_bound = lower_bound, float(stats["loglik"] / stats["n"])
         change = lower_bound - previous
@@ -254,6 +270,7 @@ def fit_em(
     source: str = "the data",
     split_every: int | None = None,
     client=None,
+    compute: Compute = _CPU,
     monitor: Monitor | None = None,
     checkpoint: Checkpointer | None = None,
     resume: Snapshot | None = None,
@@ -290,8 +307,8 @@ def fit_em(
                 checkpoint.save(Snapshot(init, result, state, best))
 
         run = run_em(family, data, run.params, max_iter=max_iter, tol=tol, init=init,
-                     source=source, split_every=split_every, client=client, monitor=monitor,
-                     start=run, state=state, on_iteration=save)
+                     source=source, split_every=split_every, client=client, compute=compute,
+                     monitor=monitor, start=run, state=state, on_iteration=save)
         monitor.end_init(init, run, time.perf_counter() - tic)
         if best is None or run.lower_bound > best.lower_bound:
             best = run

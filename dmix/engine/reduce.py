@@ -26,13 +26,16 @@ import dask.array as da
 import numpy as np
 
 from dmix.io.source import direct_reads
+from dmix.xp import Compute, check_device, to_device
 
 __all__ = [
     "DEFAULT_SPLIT_EVERY",
     "block_bytes_for",
+    "check_device_everywhere",
     "map_blocks",
     "map_reduce",
     "place_data",
+    "place_on_device",
     "resolve_client",
     "tree_depth",
     "worker_slots",
@@ -250,15 +253,61 @@ def place_data(data: da.Array, client=None, in_memory: bool = False, persist="au
     if client is not None:
         if not persist:
             return data
-        # Wait for the blocks, then spread them evenly: tasks run where their block is, so a
-        # 7/3 split of 10 blocks on 2 workers would make every iteration 40% longer. Waiting
-        # also keeps the load out of the first iteration's time.
-        data = client.persist(data)
-        futures = client.futures_of(data)
-        from distributed import wait
-
-        with client.as_current():  # wait() finds its client through the current one
-            wait(futures)
-        client.rebalance(futures)
-        return data
+        return _persist_evenly(data, client)
     return data.persist() if persist and not in_memory else data
+
+
+def _persist_evenly(data: da.Array, client) -> da.Array:
+    """Persist ``data`` on the cluster, wait for its blocks, and spread them evenly: tasks run
+    where their block is, so a 7/3 split of 10 blocks on 2 workers would make every iteration
+    40% longer. Waiting also keeps the load out of the first iteration's time."""
+    data = client.persist(data)
+    futures = client.futures_of(data)
+    from distributed import wait
+
+    with client.as_current():  # wait() finds its client through the current one
+        wait(futures)
+    client.rebalance(futures)
+    return data
+
+
+def check_device_everywhere(compute: Compute, client=None) -> None:
+    """Raise a clear error unless every worker of ``client`` (this process without one) can
+    compute on ``compute.device`` (see :func:`dmix.xp.check_device`)."""
+    if compute.device == "cpu":
+        return
+    if client is None:
+        check_device(compute.device)
+        return
+    client.run(check_device, compute.device)  # re-raises the first worker's error
+
+
+def _device_memory() -> int:
+    """Total bytes of this process's current GPU (run on a worker)."""
+    import cupy
+
+    return int(cupy.cuda.Device().mem_info[1])
+
+
+def place_on_device(data: da.Array, client, compute: Compute, persist="auto",
+                    fraction: float = 0.5) -> da.Array:
+    """The blocks the E-steps read: ``data`` itself on the CPU; on GPUs, device arrays
+    persisted on the workers when they fit.
+
+    With ``device='cuda'`` and a cluster, ``persist="auto"`` keeps the blocks (in the compute
+    dtype) in GPU memory if they take at most ``fraction`` of the workers' GPUs; ``True`` keeps
+    them there regardless (dask-cuda spills to host memory past its device memory limit);
+    ``False``, or data that do not fit, leaves ``data`` to be copied to the GPUs every pass.
+    The graph's metadata stays NumPy: only the workers hold CuPy arrays.
+    """
+    if compute.device == "cpu" or client is None or persist is False:
+        return data
+    if persist == "auto":
+        memory = sum(client.run(_device_memory).values())
+        if data.size * compute.itemsize > fraction * memory:
+            return data
+    tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
+    on_device = data.map_blocks(to_device, compute, dtype=np.dtype(compute.dtype),
+                                meta=np.empty((0, 0), dtype=compute.dtype),
+                                name=f"dmix-todevice-{tag}")
+    return _persist_evenly(on_device, client)

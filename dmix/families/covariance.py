@@ -46,6 +46,7 @@ import math
 
 import numpy as np
 
+from dmix import kernels
 from dmix.errors import IllConditionedError
 from dmix.xp import Workspace
 
@@ -115,7 +116,7 @@ def _check_positive(variances: np.ndarray, names) -> None:
 def _row_sq_norms(y, xp, ws):
     """``sum_d y[:, :, d]^2`` (n, K) of an (n, K, D) array, in one sweep, into buffer ``"nk"``."""
     n, k, _ = y.shape
-    return xp.einsum("nkd,nkd->nk", y, y, out=ws.take("nk", (n, k), xp))
+    return kernels.row_sq_norms(y, xp, out=ws.take("nk", (n, k), xp))
 
 
 def _unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
@@ -209,7 +210,7 @@ class _Covariance:
         out = self.mahalanobis(xc, means_c, prec_chol, xp, ws)
         out += d * _LOG_2PI
         out *= -0.5
-        out += xp.asarray(self.log_det(prec_chol, d))
+        out += xp.asarray(self.log_det(prec_chol, d), dtype=out.dtype)
         return out
 
     def __repr__(self) -> str:
@@ -232,13 +233,13 @@ class Full(_Covariance):
         ws = ws or Workspace()
         n, d = xc.shape
         k = means_c.shape[0]
-        u = xp.asarray(prec_chol)
+        u = ws.asarray(prec_chol, xp)
         # One GEMM for all components: [xc | 1] @ [[U_1 ... U_K], [-mu_1 U_1 ... -mu_K U_K]]
         # gives y_k = (x - mu_k) U_k for every k as an (n, K*D) block (the 1-column folds the
         # subtraction of mu_k U_k into the product).
-        rhs = xp.empty((d + 1, k * d))
+        rhs = xp.empty((d + 1, k * d), dtype=ws.dtype)
         rhs[:d] = xp.reshape(xp.transpose(u, (1, 0, 2)), (d, k * d))
-        rhs[d] = -xp.reshape(xp.matmul(means_c[:, None, :], u), (k * d,))
+        rhs[d] = -xp.reshape(xp.matmul(ws.asarray(means_c, xp)[:, None, :], u), (k * d,))
         lhs = ws.take("x1", (n, d + 1), xp)
         lhs[:, :d] = xc
         lhs[:, d] = 1.0
@@ -250,11 +251,8 @@ class Full(_Covariance):
         return n_features * (n_features + 1) // 2
 
     def quadratic_features(self, xt, out, xp):
-        # Rows x_a x_b, b >= a, in np.triu_indices order: one broadcast product per a.
-        d, o = xt.shape[0], 0
-        for a in range(d):
-            xp.multiply(xt[a], xt[a:], out=out[o : o + d - a])
-            o += d - a
+        # Rows x_a x_b, b >= a, in np.triu_indices order.
+        kernels.quadratic_features_full(xt, out, xp)
 
     def expansion(self, prec_chol, means_c):
         k, d = means_c.shape
@@ -304,10 +302,10 @@ class Tied(Full):
         ws = ws or Workspace()
         n, d = xc.shape
         k = means_c.shape[0]
-        u = xp.asarray(prec_chol)
+        u = ws.asarray(prec_chol, xp)
         # Direct form ||U^T (x - mu_k)||^2 in whitened coordinates: no cancellation.
         y = ws.take("nkd", (n, k, d), xp)
-        xp.subtract((xc @ u)[:, None, :], (means_c @ u)[None, :, :], out=y)
+        xp.subtract((xc @ u)[:, None, :], (ws.asarray(means_c, xp) @ u)[None, :, :], out=y)
         return _row_sq_norms(y, xp, ws)
 
     def from_quadratic(self, q):
@@ -344,9 +342,9 @@ class Diag(_Covariance):
         ws = ws or Workspace()
         n, d = xc.shape
         k = means_c.shape[0]
-        sd = xp.asarray(np.sqrt(self._precision_rows(np.asarray(prec_chol), k, d)))
+        sd = ws.asarray(np.sqrt(self._precision_rows(np.asarray(prec_chol), k, d)), xp)
         y = ws.take("nkd", (n, k, d), xp)
-        xp.subtract(xc[:, None, :], means_c[None, :, :], out=y)
+        xp.subtract(xc[:, None, :], ws.asarray(means_c, xp)[None, :, :], out=y)
         y *= sd[None, :, :]
         return _row_sq_norms(y, xp, ws)
 

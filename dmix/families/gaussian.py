@@ -36,31 +36,27 @@ import numpy as np
 
 from dmix.families.base import Params, State, Stats, tree_add
 from dmix.families.covariance import get_covariance
-from dmix.xp import (
-    Workspace,
-    asarray_f64,
-    get_namespace,
-    normalize_log,
-    quiet_nonfinite,
-    to_host,
-)
+from dmix.kernels import normalize_log
+from dmix.xp import Workspace, asarray_f64, get_namespace, quiet_nonfinite, to_host
 
 __all__ = ["Gaussian"]
 
-_EPS = np.finfo(np.float64).eps
-_EPS10 = 10 * _EPS
+_EPS10 = 10 * np.finfo(np.float64).eps
 _LOG_2PI = np.log(2.0 * np.pi)
 
 #: Largest rounding error (in units of squared Mahalanobis distance) tolerated from the expanded
-#: form; beyond it the E-step takes the direct form. Typical data give 1e-13 or less.
+#: form in float64; beyond it the E-step takes the direct form. Typical data give 1e-13 or less.
 EXPANSION_TOL = 1e-10
+#: The same for float32 E-steps, where typical data give 1e-5; 1e-3 errs a log-density by at
+#: most 5e-4.
+EXPANSION_TOL_FLOAT32 = 1e-3
 
 
-def _expansion_error(cov, params: Params, means_c, coef, pmu) -> float:
+def _expansion_error(cov, params: Params, means_c, coef, pmu, dtype=np.float64) -> float:
     """A bound on the rounding error of the expanded distance for rows near each component.
 
-    Summing ``coef . Q(x) - 2 pmu . x + mu^T P mu`` in floating point errs by about ``eps``
-    times the sum of the magnitudes of its terms. Those are evaluated at ``|mu_k| + 3 sd_k``
+    Summing ``coef . Q(x) - 2 pmu . x + mu^T P mu`` in floating point errs by about ``eps`` (of
+    the compute ``dtype``) times the sum of the magnitudes of its terms. Those are evaluated at ``|mu_k| + 3 sd_k``
     per coordinate, a row at the edge of component ``k`` (rows farther out have larger
     distances, so a relative error that stays small).
     """
@@ -71,7 +67,7 @@ def _expansion_error(cov, params: Params, means_c, coef, pmu) -> float:
     cov.quadratic_features(edge.T, quad, np)
     terms = (np.abs(coef) * quad.T).sum(1) + 2 * (np.abs(pmu) * edge).sum(1)
     terms += np.abs(np.sum(pmu * means_c, axis=1))
-    return float(_EPS * np.max(terms))
+    return float(np.finfo(dtype).eps * np.max(terms))
 
 
 def _shift(params: Params) -> np.ndarray:
@@ -134,25 +130,28 @@ class Gaussian:
 
     # -- worker side ------------------------------------------------------------------------
 
-    def _coefficients(self, params: Params, xp):
+    def _coefficients(self, params: Params, xp, ws: Workspace | None = None):
         """Per-parameter constants of the E-step, computed once and kept in the workspace.
 
-        Returns ``(shift, W, expand)``: the centring shift, the (K, 1 + D + m) coefficients
-        with ``W T = log w_k + log N(x | mu_k, Sigma_k)``, and whether the expanded form is
-        accurate enough (else ``W`` is None and the direct form is used).
+        Returns ``(shift, W, expand)`` in the workspace's dtype: the centring shift, the
+        (K, 1 + D + m) coefficients with ``W T = log w_k + log N(x | mu_k, Sigma_k)``, and
+        whether the expanded form is accurate enough in that dtype (else ``W`` is None and the
+        direct form is used).
         """
+        ws = ws or Workspace()
         cov = self.covariance
         shift = _shift(params)
         means_c = params["means"] - shift
         prec_chol = params["precisions_cholesky"]
         k, d = means_c.shape
         coef, pmu = cov.expansion(prec_chol, means_c)
-        if _expansion_error(cov, params, means_c, coef, pmu) > EXPANSION_TOL:
-            return xp.asarray(shift), None, False
+        tol = EXPANSION_TOL_FLOAT32 if ws.dtype == np.float32 else EXPANSION_TOL
+        if _expansion_error(cov, params, means_c, coef, pmu, ws.dtype) > tol:
+            return ws.asarray(shift, xp), None, False
         const = (np.log(params["weights"]) + cov.log_det(prec_chol, d)
                  - 0.5 * (d * _LOG_2PI + np.sum(pmu * means_c, axis=1)))
         w = np.concatenate([const[:, None], pmu, -0.5 * coef], axis=1)
-        return xp.asarray(shift), xp.asarray(w), True
+        return ws.asarray(shift, xp), ws.asarray(w, xp), True
 
     def _row_statistics(self, x, shift, xp, ws: Workspace):
         """``T = [1, x - c, Q(x - c)]`` (1 + D + m, n) of rows ``x``, in a workspace buffer."""
@@ -165,15 +164,17 @@ class Gaussian:
 
     def _moments(self, t, resp_t, n_features: int, ws: Workspace | None = None) -> Stats:
         """``nk``, ``s1`` and ``s2`` from row statistics ``T`` and responsibilities (K, n):
-        views of the one (1 + D + m, K) array ``T R^T``, written into ``ws`` if given.
+        views of the one (1 + D + m, K) array ``T R^T``, written into ``ws`` if given, and
+        returned as float64 NumPy arrays (the engine sums sub-batches in float64).
 
         That array is 0.5 MB at D = 64, K = 32: allocated afresh per sub-batch, it is an
         ``mmap`` on Dask workers (see :class:`~dmix.xp.Workspace`), which made the E-step 15%
         slower there.
         """
         xp = get_namespace(t)
-        out = None if ws is None else ws.take("moments", (t.shape[0], resp_t.shape[0]), xp)
-        moments = to_host(xp.matmul(t, resp_t.T, out=out))
+        out = None if ws is None else ws.take("moments", (t.shape[0], resp_t.shape[0]), xp,
+                                              dtype=t.dtype)
+        moments = np.asarray(to_host(xp.matmul(t, resp_t.T, out=out)), dtype=np.float64)
         return {
             "nk": moments[0],
             "s1": moments[1 : 1 + n_features].T,
@@ -188,16 +189,17 @@ class Gaussian:
         cov = self.covariance
         n, d = x.shape
         k = params["means"].shape[0]
-        shift, w, expand = ws.memo("gaussian", params, lambda: self._coefficients(params, xp))
+        shift, w, expand = ws.memo("gaussian", params,
+                                   lambda: self._coefficients(params, xp, ws))
         t = self._row_statistics(x, shift, xp, ws)
         xt = t[1 : 1 + d]
         wlp = ws.take("wlp", (k, n), xp)
         if expand:
             xp.matmul(w, t, out=wlp)
         else:
-            means_c = xp.asarray(params["means"]) - shift
+            means_c = ws.asarray(params["means"], xp) - shift
             direct = cov.log_prob(xt.T, means_c, params["precisions_cholesky"], xp, ws)
-            direct += xp.asarray(np.log(params["weights"]))
+            direct += ws.asarray(np.log(params["weights"]), xp)
             wlp[...] = direct.T
         return t, wlp
 
@@ -215,7 +217,7 @@ class Gaussian:
             log_norm = xp.where(ok, log_norm, 0.0)
         return {
             "n": float(x.shape[0]),
-            "loglik": float(xp.sum(log_norm)),
+            "loglik": float(xp.sum(log_norm, dtype=xp.float64)),
             "n_nonfinite": float(n_bad),
             **self._moments(t, resp, d, ws),
         }
