@@ -251,3 +251,14 @@ def test_two_gpus_give_the_one_gpu_result():
         many = fit(x, "full", centers, device="cuda", dtype="float64", client=client,
                    chunk_size=5_000)
     np.testing.assert_allclose(many.lower_bounds_, one.lower_bounds_, rtol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cupy_input_fits_like_numpy_input():
+    import cupy
+
+    x, centers = blobs(n=5_000)
+    host = fit(x, "diag", centers, device="cuda")
+    dev = fit(cupy.asarray(x), "diag", centers, device="cuda")
+    np.testing.assert_array_equal(dev.lower_bounds_, host.lower_bounds_)
+    np.testing.assert_allclose(dev.predict_proba(cupy.asarray(x[:50])), host.predict_proba(x[:50]))

@@ -304,7 +304,9 @@ def as_source(
         return Source(arr, desc, in_memory=False)
 
     if type(X).__module__.split(".")[0] == "cupy":
-        raise DataError("CuPy input is not supported yet; pass a NumPy, Dask or Zarr array.")
+        # Copied to host memory once: the graph holds NumPy blocks (the scheduler and the
+        # client need no CUDA); with device="cuda" the E-steps copy them back to the GPUs.
+        X = X.get()
     try:
         arr = np.asarray(X)
     except (TypeError, ValueError) as exc:
