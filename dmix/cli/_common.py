@@ -174,7 +174,7 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
     if scheduler and gpus is not None:
         raise DmixError("--gpus starts a local cluster; with --scheduler, start one "
                         "'dask cuda worker SCHEDULER' process per GPU host instead (cluster/"
-                        "gpu.md) and pass --device cuda.")
+                        "README.md) and pass --device cuda.")
     if gpus is not None:
         with _local_cuda_cluster(gpus, dashboard_address) as cluster, Client(cluster) as client:
             n = len(client.scheduler_info()["workers"])
