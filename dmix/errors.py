@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointWarning",
     "ConvergenceWarning",
     "DataError",
+    "DeviceError",
     "DmixError",
     "IllConditionedError",
     "InvalidParameterError",
@@ -44,6 +45,10 @@ class DataError(DmixError):
 
 class IllConditionedError(DmixError):
     """A covariance estimate is not positive definite (a collapsed or empty component)."""
+
+
+class DeviceError(DmixError, RuntimeError):
+    """The requested compute device cannot be used here (no CuPy, no GPU)."""
 
 
 class CheckpointMismatchError(DmixError):

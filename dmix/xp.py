@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dmix.errors import DeviceError
+
 __all__ = [
     "DEVICES",
     "Compute",
@@ -177,12 +179,12 @@ def check_device(device: str) -> str:
     try:
         import cupy
     except ImportError:
-        raise RuntimeError(
+        raise DeviceError(
             "device='cuda' needs CuPy on every Dask worker (and on this process when there is "
             "no cluster): pip install 'dmix[gpu]'."
         ) from None
     if not cupy.is_available():
-        raise RuntimeError(
+        raise DeviceError(
             "device='cuda', but CuPy finds no usable CUDA GPU here (cupy.is_available() is "
             "False). Check the driver and CUDA_VISIBLE_DEVICES, or use device='cpu'."
         )

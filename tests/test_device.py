@@ -18,7 +18,7 @@ from conftest import gpu_available
 import dmix
 from dmix.cli import main
 from dmix.engine.loop import estep_pass
-from dmix.errors import InvalidParameterError
+from dmix.errors import DeviceError, InvalidParameterError
 from dmix.families.gaussian import Gaussian
 from dmix.xp import Compute, Workspace
 
@@ -132,7 +132,7 @@ def test_invalid_device_or_dtype(kwargs, match):
 @pytest.mark.skipif(gpu_available(), reason="this machine has a GPU: the request succeeds")
 def test_cuda_without_a_gpu_is_a_clear_error():
     x, _ = blobs(n=300)
-    with pytest.raises(RuntimeError, match=r"device='cuda' (needs CuPy on every Dask worker.*"
+    with pytest.raises(DeviceError, match=r"device='cuda' (needs CuPy on every Dask worker.*"
                                            r"pip install 'dmix\[gpu\]'|, but CuPy finds no)"):
         dmix.GaussianMixture(2, device="cuda").fit(x)
 
@@ -144,7 +144,7 @@ def test_cuda_without_a_gpu_on_a_cluster_names_the_problem():
     x, _ = blobs(n=300)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        with pytest.raises(RuntimeError, match=r"device='cuda'"):
+        with pytest.raises(DeviceError, match=r"device='cuda'"):
             dmix.GaussianMixture(2, device="cuda", client=client).fit(x)
 
 
@@ -177,6 +177,16 @@ def test_cli_gpu_option_errors(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert status != 0 and "Traceback" not in err
     assert re.search(message, err), err
+
+
+@pytest.mark.skipif(gpu_available(), reason="this machine has a GPU: the request succeeds")
+def test_cli_device_cuda_without_a_gpu(capsys, tmp_path):
+    data = str(tmp_path / "data.zarr")
+    assert main(["make-data", data, "-n", "50", "-d", "2", "-k", "2"]) == 0
+    capsys.readouterr()
+    assert main(["fit", data, "-k", "2", "--device", "cuda", "--n-workers", "1"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "device='cuda'" in err, err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is not None,
