@@ -20,6 +20,7 @@ __all__ = [
     "asarray_f64",
     "batches",
     "check_device",
+    "device_problem",
     "get_namespace",
     "is_cupy",
     "logsumexp",
@@ -169,27 +170,30 @@ def _is_dtype(dtype) -> bool:
     return True
 
 
-def check_device(device: str) -> str:
-    """Raise a clear error if ``device`` cannot run here; return a description of it.
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot compute in this process, or None if it can.
 
-    Run on every worker before a fit (the client itself needs no GPU).
+    Run on every worker before a fit (the client itself needs no GPU); it returns rather than
+    raises, so that workers do not log a traceback for what the driver reports in one line.
     """
     if device == "cpu":
-        return "cpu"
+        return None
     try:
         import cupy
     except ImportError:
-        raise DeviceError(
-            "device='cuda' needs CuPy on every Dask worker (and on this process when there is "
-            "no cluster): pip install 'dmix[gpu]'."
-        ) from None
+        return "CuPy is not installed: pip install 'dmix[gpu]'"
     if not cupy.is_available():
-        raise DeviceError(
-            "device='cuda', but CuPy finds no usable CUDA GPU here (cupy.is_available() is "
-            "False). Check the driver and CUDA_VISIBLE_DEVICES, or use device='cpu'."
-        )
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return ("CuPy finds no usable CUDA GPU (cupy.is_available() is False): check the "
+                "driver and CUDA_VISIBLE_DEVICES")
+    return None
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`~dmix.errors.DeviceError` if ``device`` cannot compute in this process."""
+    problem = device_problem(device)
+    if problem:
+        raise DeviceError(f"device={device!r} cannot run here: {problem}; or use "
+                          "device='cpu'.")
 
 
 def to_device(x, compute: Compute):

@@ -25,8 +25,9 @@ import dask
 import dask.array as da
 import numpy as np
 
+from dmix.errors import DeviceError
 from dmix.io.source import direct_reads
-from dmix.xp import Compute, check_device, to_device
+from dmix.xp import Compute, check_device, device_problem, to_device
 
 __all__ = [
     "DEFAULT_SPLIT_EVERY",
@@ -279,7 +280,13 @@ def check_device_everywhere(compute: Compute, client=None) -> None:
     if client is None:
         check_device(compute.device)
         return
-    client.run(check_device, compute.device)  # re-raises the first worker's error
+    problems = {w: p for w, p in client.run(device_problem, compute.device).items() if p}
+    if problems:
+        worker, problem = next(iter(sorted(problems.items())))
+        raise DeviceError(
+            f"device={compute.device!r} cannot run on {len(problems)} of "
+            f"{len(client.scheduler_info()['workers'])} Dask worker(s); on {worker}: {problem}. "
+            "Start the workers with GPUs (dask cuda worker, or --gpus), or use device='cpu'.")
 
 
 def _device_memory() -> int:
