@@ -273,3 +273,11 @@ def test_cupy_input_fits_like_numpy_input():
     dev = fit(cupy.asarray(x), "diag", centers, device="cuda")
     np.testing.assert_array_equal(dev.lower_bounds_, host.lower_bounds_)
     np.testing.assert_allclose(dev.predict_proba(cupy.asarray(x[:50])), host.predict_proba(x[:50]))
+
+
+def test_gpus_n_keeps_a_cuda_visible_devices_mask():
+    from dmix.cli._common import first_visible_gpus
+
+    assert first_visible_gpus(2, "") == "0,1"
+    assert first_visible_gpus(2, "3,5,7") == "3,5"
+    assert first_visible_gpus(4, "GPU-ab12, GPU-cd34") == "GPU-ab12,GPU-cd34"

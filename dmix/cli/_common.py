@@ -152,6 +152,14 @@ def compute_options(args) -> dict:
     return {"device": device, "dtype": args.compute_dtype}
 
 
+def first_visible_gpus(n: int, visible: str | None = None) -> str:
+    """The first ``n`` GPUs of ``CUDA_VISIBLE_DEVICES`` (all GPUs from 0 when it is unset), as
+    dask-cuda takes them: a mask set by the user or a batch system is kept."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    return ",".join(ids[:n] if ids is not None else (str(i) for i in range(n)))
+
+
 def _local_cuda_cluster(gpus, dashboard_address: str):
     """A dask-cuda ``LocalCUDACluster``: one worker process per GPU (``gpus``: 'all' or N)."""
     try:
@@ -160,7 +168,7 @@ def _local_cuda_cluster(gpus, dashboard_address: str):
         raise DmixError("--gpus needs dask-cuda (and CuPy): pip install 'dmix[gpu]'.") from None
     options = {}
     if gpus != "all":
-        options["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+        options["CUDA_VISIBLE_DEVICES"] = first_visible_gpus(gpus)
     return LocalCUDACluster(dashboard_address=dashboard_address, **options)
 
 
