@@ -7,6 +7,7 @@ sufficient statistics are tree-reduced and the M-step runs on the driver.
 from dmix.errors import (
     CheckpointMismatchError,
     CheckpointWarning,
+    CollapseWarning,
     ConvergenceWarning,
     DataError,
     DmixError,
@@ -24,6 +25,7 @@ __all__ = [
     "COVARIANCE_TYPES",
     "CheckpointMismatchError",
     "CheckpointWarning",
+    "CollapseWarning",
     "ConvergenceWarning",
     "DataError",
     "DmixError",

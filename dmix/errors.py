@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - exercised only without scikit-learn
 __all__ = [
     "CheckpointMismatchError",
     "CheckpointWarning",
+    "CollapseWarning",
     "ConvergenceWarning",
     "DataError",
     "DeviceError",
@@ -65,3 +66,7 @@ class ConvergenceWarning(_SkConvergenceWarning):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (incomplete or corrupt) and an older one is used instead."""
+
+
+class CollapseWarning(UserWarning):
+    """Components collapsed (empty, or a singular covariance) and were re-seeded."""

@@ -11,11 +11,13 @@ import math
 import numbers
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from dmix._estimator_base import ParamsMixin, VerboseMonitor, check_number
 from dmix.engine import init as _init
+from dmix.engine.stopping import get_criterion
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
 from dmix.engine.reduce import (
     block_bytes_for,
@@ -31,7 +33,7 @@ from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
 from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint, digest
-from dmix.io.source import as_source, check_visible_to_workers
+from dmix.io.source import as_source, check_visible_to_workers, with_weights
 from dmix.rng import seed_sequence_int
 from dmix.xp import Compute
 
@@ -93,6 +95,43 @@ default='full'
     dtype : {'float32', 'float64'}, optional
         Precision of the E-step arithmetic; statistics are summed in float64 either way.
         Default: float32 on 'cuda', float64 on 'cpu'.
+    checkpoint : str or os.PathLike, optional
+        Directory (local path or fsspec URL) where a checkpoint is written every
+        ``checkpoint_every`` iterations, keeping the last ``checkpoint_keep``.
+    weight_concentration_prior : float or array of shape (n_components,), optional
+        Dirichlet prior ``alpha`` on the weights: the M-step gives the posterior mode (MAP).
+    mean_prior, mean_precision_prior : array of shape (n_features,), float, optional
+        Normal prior ``mu_k | Sigma_k ~ N(mean_prior, Sigma_k / mean_precision_prior)`` on the
+        means. Setting either turns it on; the other defaults from the data.
+    covariance_prior, degrees_of_freedom_prior : array, float, optional
+        Inverse-Wishart prior (inverse-gamma for the diagonal and spherical types) on the
+        covariances; with the mean prior, Normal-inverse-Wishart. Setting either turns it on;
+        defaults in :func:`dmix.families.priors.resolve_prior`. ``lower_bound_`` is then the
+        mean log-posterior.
+    var_regularization : float, default=0.0
+        Added to the diagonal of every covariance after the M-step (the ``mixes`` package's
+        option; here the same as adding it to ``reg_covar``).
+    cem : bool, default=False
+        Classification EM: hard assignments to the most probable component;
+        ``lower_bound_`` is then the mean classification log-likelihood.
+    annealing : bool, default=False
+        Deterministic annealing: the responsibilities are ``softmax_k(nu log(w_k p_k(x)))``
+        with an inverse temperature ``nu`` rising geometrically from ``annealing_start`` to 1
+        over the first ``annealing_iter`` iterations (default ``max_iter // 2``), then plain
+        EM. Convergence is not tested while ``nu < 1``.
+    annealing_start : float in (0, 1], default=0.1
+    annealing_iter : int, optional
+    stopping_criterion : str or callable, default='tol'
+        When a run has converged: 'tol' (the change of the mean log-likelihood below ``tol``),
+        'relative', 'aitken', a built-in of :mod:`dmix.engine.stopping`, or any callable
+        ``criterion(history) -> bool`` (see there).
+    on_collapse : {'reseed', 'raise'}, default='reseed'
+        A component that empties or whose covariance is singular is re-seeded at the rows the
+        model explains worst (with a :class:`~dmix.errors.CollapseWarning`; counted in
+        ``n_reseeded_``), or stops the fit with an error naming it.
+    missing : {'raise', 'marginalize'}, default='raise'
+        Rows with missing values (NaN): an error naming them, or the exact EM for incomplete
+        data (the missing features are marginalised; initialisation imputes column means).
 
     Attributes
     ----------
@@ -107,6 +146,8 @@ default='full'
         Mean log-likelihood of the best run's last E-step.
     lower_bounds_ : list of float
         The lower bound at every iteration of the best run.
+    n_reseeded_ : int
+        Components of the best run re-seeded after collapsing.
     n_features_in_ : int
     """
 
@@ -136,6 +177,19 @@ default='full'
         checkpoint=None,
         checkpoint_every=1,
         checkpoint_keep=3,
+        weight_concentration_prior=None,
+        mean_prior=None,
+        mean_precision_prior=None,
+        covariance_prior=None,
+        degrees_of_freedom_prior=None,
+        var_regularization=0.0,
+        cem=False,
+        annealing=False,
+        annealing_start=0.1,
+        annealing_iter=None,
+        stopping_criterion="tol",
+        on_collapse="reseed",
+        missing="raise",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -160,6 +214,19 @@ default='full'
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.checkpoint_keep = checkpoint_keep
+        self.weight_concentration_prior = weight_concentration_prior
+        self.mean_prior = mean_prior
+        self.mean_precision_prior = mean_precision_prior
+        self.covariance_prior = covariance_prior
+        self.degrees_of_freedom_prior = degrees_of_freedom_prior
+        self.var_regularization = var_regularization
+        self.cem = cem
+        self.annealing = annealing
+        self.annealing_start = annealing_start
+        self.annealing_iter = annealing_iter
+        self.stopping_criterion = stopping_criterion
+        self.on_collapse = on_collapse
+        self.missing = missing
 
     # -- validation -------------------------------------------------------------------------
 
@@ -193,6 +260,29 @@ default='full'
                 f"The 'init_params' parameter of {name} must be a str among "
                 f"{sorted(_INIT_METHODS)}. Got {self.init_params!r} instead."
             )
+        check_number(name, "var_regularization", self.var_regularization, "float", 0)
+        for option, choices in (("on_collapse", ("reseed", "raise")),
+                                ("missing", ("raise", "marginalize")),
+                                ("cem", (False, True)), ("annealing", (False, True))):
+            if getattr(self, option) not in choices:
+                raise InvalidParameterError(
+                    f"The {option!r} parameter of {name} must be one of {list(choices)}. Got "
+                    f"{getattr(self, option)!r} instead.")
+        if self.annealing:
+            start = self.annealing_start
+            if isinstance(start, bool) or not isinstance(start, numbers.Real) or not (
+                0 < start <= 1
+            ):
+                raise InvalidParameterError(
+                    f"The 'annealing_start' parameter of {name} must be a float in (0, 1]. Got "
+                    f"{start!r} instead.")
+            if self.annealing_iter is not None:
+                check_number(name, "annealing_iter", self.annealing_iter, "int", 1)
+            if self.cem:
+                raise InvalidParameterError(
+                    f"{name}: annealing=True has no effect with cem=True (hard assignments do "
+                    "not depend on the temperature); choose one.")
+        get_criterion(self.stopping_criterion, self.tol)  # raises on an unknown criterion
 
     def _check_user_init(self, family: Gaussian, n_features: int):
         """Validate ``weights_init``, ``means_init`` and ``precisions_init`` (scikit-learn's checks)."""
@@ -267,10 +357,49 @@ default='full'
 
     @property
     def _family(self) -> Gaussian:
+        """The family of this estimator's options (its prior as resolved by the last fit)."""
+        annealing_iter = 0
+        if self.annealing:
+            annealing_iter = (self.annealing_iter if self.annealing_iter is not None
+                              else max(1, self.max_iter // 2))
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
-                        reg_covar=float(self.reg_covar))
+                        reg_covar=float(self.reg_covar),
+                        var_regularization=float(self.var_regularization),
+                        prior=getattr(self, "prior_", None), cem=bool(self.cem),
+                        annealing_start=float(self.annealing_start) if self.annealing else 1.0,
+                        annealing_iter=int(annealing_iter), on_collapse=self.on_collapse,
+                        missing=self.missing)
 
-    def fit(self, X, y=None, *, resume: bool = False, checkpoint=None,
+    def _prior_options(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "weight_concentration_prior", "mean_prior", "mean_precision_prior",
+            "covariance_prior", "degrees_of_freedom_prior")}
+
+    def _resolve_prior(self, data, n_features, passes):
+        """The prior of the options, with defaults from one pass over the data if needed."""
+        from dmix.families.priors import resolve_prior
+
+        options = self._prior_options()
+        if all(v is None for v in options.values()):
+            return None
+        moments = {}
+        mean_default = options["mean_prior"] is None and options["mean_precision_prior"] is not None
+        cov_default = options["covariance_prior"] is None and (
+            options["degrees_of_freedom_prior"] is not None)
+        if mean_default or cov_default:
+            _, mean, covariance = _init.data_moments(
+                data, n_features=n_features, split_every=passes["split_every"],
+                client=passes["client"])
+            moments = {"data_mean": mean, "data_covariance": covariance}
+        return resolve_prior(get_covariance(self.covariance_type).name, self.n_components,
+                             n_features, **options, **moments)
+
+    @property
+    def _scoring_family(self) -> Gaussian:
+        """The family for predictions and scores: soft responsibilities, untempered."""
+        return replace(self._family, cem=False, annealing_iter=0)
+
+    def fit(self, X, y=None, *, sample_weight=None, resume: bool = False, checkpoint=None,
             monitor: Monitor | None = None):
         """Estimate the parameters with EM.
 
@@ -279,6 +408,10 @@ default='full'
         X : array-like, dask array, zarr array, or path/URL of a Zarr array
             Data of shape (n_samples, n_features).
         y : ignored
+        sample_weight : array-like, dask array, zarr array or path/URL, optional
+            Non-negative weight of each row, shape (n_samples,): EM maximises
+            ``sum_i w_i log p(x_i)`` (integer weights fit as repeated rows would), and
+            ``lower_bound_`` is the weighted mean. Initialisation ignores the weights.
         resume : bool, default=False
             Continue from the latest checkpoint in ``checkpoint`` if there is one (else start
             afresh). The result is the one an uninterrupted fit gives. Without ``resume``, a
@@ -304,14 +437,26 @@ default='full'
         ckpt = self._checkpoint_dir(self.checkpoint if checkpoint is None else checkpoint)
         client = resolve_client(self.client)
         source = self._source(X, fitting=True, client=client)
-        family = self._family
         n_features = source.shape[1]
-        user = self._check_user_init(family, n_features)
+        array = source.array
+        if sample_weight is not None:
+            if self.missing == "marginalize":
+                raise InvalidParameterError(
+                    f"{type(self).__name__}: sample_weight with missing='marginalize' is not "
+                    "supported yet; drop the weights or the rows with missing values.")
+            array = with_weights(source, sample_weight, client=client)
         check_visible_to_workers(X, client)
         compute = self._compute
         check_device_everywhere(compute, client)
-        data = place_data(source.array, client, in_memory=source.in_memory,
-                          persist=self.persist)
+        data = place_data(array, client, in_memory=source.in_memory, persist=self.persist)
+        passes = dict(source=source.description, split_every=self.split_every, client=client)
+        init_data = data if sample_weight is None else data[:, :n_features]
+        if self.missing == "marginalize":
+            init_data = _init.impute_missing(init_data, split_every=self.split_every,
+                                             client=client)
+        self.prior_ = self._resolve_prior(data, n_features, passes)
+        family = self._family
+        user = self._check_user_init(family, n_features)
         monitor = monitor or VerboseMonitor(self.verbose, self.verbose_interval)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
@@ -324,7 +469,6 @@ default='full'
             if loaded is not None:
                 monitor.resumed(ckpt.url, loaded.name, loaded.snapshot.restart,
                                 loaded.snapshot.run.n_iter)
-        passes = dict(source=source.description, split_every=self.split_every, client=client)
 
         def initialize(restart):
             if not do_init:
@@ -333,8 +477,8 @@ default='full'
                 return family.make_params(user["weights"], user["means"],
                                           precisions=user["precisions"])
             params = _init.initial_params(
-                family, data, self.n_components, self.init_params, seed=seed, restart=restart,
-                **passes)
+                family, init_data, self.n_components, self.init_params, seed=seed,
+                restart=restart, **passes)
             if user:
                 params = family.make_params(
                     user.get("weights", params["weights"]), user.get("means", params["means"]),
@@ -342,6 +486,8 @@ default='full'
                        else {"covariances": params["covariances"]}))
             return params
 
+        if sample_weight is not None:
+            family = replace(family, weighted=True)
         tic = time.perf_counter()
         # Initialisation reads ``data`` on the CPU; the E-steps read the blocks on the device.
         em_data = place_on_device(data, client, compute, persist=self.persist)
@@ -349,12 +495,13 @@ default='full'
             family, em_data, initialize, n_init=n_init, max_iter=self.max_iter, tol=self.tol,
             lower_bound=-math.inf if do_init else self.lower_bound_, monitor=monitor,
             checkpoint=ckpt, resume=None if loaded is None else loaded.snapshot,
-            compute=compute, **passes)
+            compute=compute, stop=get_criterion(self.stopping_criterion, self.tol), **passes)
         self._set_params(family, result.params)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
         self.lower_bound_ = result.lower_bound
         self.lower_bounds_ = list(result.lower_bounds)
+        self.n_reseeded_ = result.n_reseeded
         self.n_features_in_ = n_features
         self.fit_seconds_ = time.perf_counter() - tic
         if ckpt is not None:
@@ -443,7 +590,7 @@ default='full'
         """Apply a family method per row block: eagerly for NumPy input, lazily otherwise."""
         self._check_is_fitted()
         source = self._source(X)
-        family = self._family
+        family = self._scoring_family
         fn = getattr(family, method)
         compute = self._compute
         if source.local is not None:
@@ -475,7 +622,8 @@ default='full'
         source = self._source(X, client=client)
         compute = self._compute
         check_device_everywhere(compute, client)
-        stats = estep_pass(self._family, source.array, self._params, source=source.description,
+        stats = estep_pass(self._scoring_family, source.array, self._params,
+                           source=source.description,
                            split_every=self.split_every, client=client, compute=compute)
         return float(stats["loglik"] / stats["n"])
 

@@ -54,7 +54,11 @@ ALL_PARAMS = sorted(["n_components", "covariance_type", "tol", "reg_covar", "max
                      "n_init", "init_params", "weights_init", "means_init", "precisions_init",
                      "random_state", "warm_start", "verbose", "verbose_interval", "chunk_size",
                      "client", "split_every", "persist", "device", "dtype", "checkpoint",
-                     "checkpoint_every", "checkpoint_keep"])
+                     "checkpoint_every", "checkpoint_keep", "weight_concentration_prior",
+                     "mean_prior", "mean_precision_prior", "covariance_prior",
+                     "degrees_of_freedom_prior", "var_regularization", "cem", "annealing",
+                     "annealing_start", "annealing_iter", "stopping_criterion", "on_collapse",
+                     "missing"])
 
 
 def test_get_params_defaults_like_sklearn():

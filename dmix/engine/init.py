@@ -120,6 +120,59 @@ def summarize(data, *, seed: int, restart: int, m: int, source, split_every, cli
     return moments["n"], moments["mean"], variance, rows
 
 
+def _moments_block(x, start, index, column_range):
+    x = np.asarray(x, dtype=np.float64)[:, column_range[0] : column_range[1]]
+    x = x[np.isfinite(x).all(axis=1)]  # complete rows only
+    n = x.shape[0]
+    mean = x.mean(axis=0) if n else np.zeros(x.shape[1])
+    xc = x - mean
+    return {"n": float(n), "mean": mean, "m2": xc.T @ xc}
+
+
+def _outer_chan_merge(a: dict, b: dict) -> dict:
+    """:func:`_chan_merge` for scatter matrices: ``M2 = M2a + M2b + d d^T n_a n_b / n``."""
+    n = a["n"] + b["n"]
+    if n == 0:
+        return a
+    delta = b["mean"] - a["mean"]
+    return {"n": n, "mean": a["mean"] + delta * (b["n"] / n),
+            "m2": a["m2"] + b["m2"] + np.outer(delta, delta) * (a["n"] * b["n"] / n)}
+
+
+def data_moments(data, *, n_features: int | None = None, split_every=None, client=None):
+    """One pass: the number of complete rows, their mean (D,) and covariance (D, D) (rows with
+    a missing value are left out; ``n_features`` first columns only, if given)."""
+    d = data.shape[1] if n_features is None else n_features
+    moments = map_reduce(data, _moments_block, (0, d), combine=_outer_chan_merge,
+                         split_every=split_every, label="moments", client=client)
+    if moments["n"] == 0:
+        raise DataError("No row of the data is complete: the data mean and covariance (for "
+                        "the default prior) cannot be estimated. Set the priors explicitly.")
+    return moments["n"], moments["mean"], moments["m2"] / moments["n"]
+
+
+def _nanmean_block(x, start, index):
+    x = np.asarray(x, dtype=np.float64)
+    seen = ~np.isnan(x)
+    return {"count": seen.sum(axis=0).astype(np.float64), "sum": np.where(seen, x, 0.0).sum(0)}
+
+
+def _fill_missing(x, means):
+    return np.where(np.isnan(x), means.astype(x.dtype), x)
+
+
+def impute_missing(data, *, split_every=None, client=None):
+    """``data`` with every missing value (NaN) replaced by its column's mean (lazy; one pass
+    for the means). Initialisation runs on it when missing values are marginalised."""
+    total = map_reduce(data, _nanmean_block, combine=tree_add, split_every=split_every,
+                       label="nanmean", client=client)
+    empty = np.flatnonzero(total["count"] == 0)
+    if empty.size:
+        raise DataError(f"Feature {int(empty[0])} of the data has no observed value: remove it.")
+    means = total["sum"] / total["count"]
+    return data.map_blocks(_fill_missing, means, dtype=data.dtype)
+
+
 # -- distances to a set of centres --------------------------------------------------------
 
 

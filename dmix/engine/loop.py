@@ -9,6 +9,7 @@ EM stops when it changes by less than ``tol``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -19,7 +20,8 @@ from typing import Protocol
 import numpy as np
 
 from dmix.engine.reduce import map_reduce
-from dmix.errors import ConvergenceWarning, DataError
+from dmix.engine.stopping import FitHistory, Tol, evaluate
+from dmix.errors import CollapseWarning, ConvergenceWarning, DataError
 from dmix.families.base import Params, State, Stats, tree_accumulate
 from dmix.xp import Compute, Workspace, batches, get_namespace, to_host
 
@@ -33,6 +35,7 @@ __all__ = [
     "estep_pass",
     "fit_em",
     "run_em",
+    "worst_rows",
 ]
 
 #: Rows per E-step sub-batch inside a block. Measured on the Gaussian family (1 core, 1 MiB L2
@@ -64,6 +67,10 @@ class IterationRecord:
     lower_bound: float
     change: float
     seconds: float
+    #: Components re-seeded after this iteration's M-step (see :func:`worst_rows`).
+    n_reseeded: int = 0
+    #: The E-step's inverse temperature (below 1 while annealing).
+    inverse_temperature: float = 1.0
 
 
 @dataclass
@@ -77,6 +84,14 @@ class EMResult:
     converged: bool = False
     #: Which initialisation (restart) this run is.
     init: int = 0
+    #: Wall-clock seconds of every iteration.
+    seconds: list[float] = field(default_factory=list)
+    #: Collapsed components re-seeded during the run (all iterations together).
+    n_reseeded: int = 0
+    #: Stopped by a budget criterion (``dmix.engine.stopping.WallClock``) before converging.
+    stopped: bool = False
+    #: The bound the first change was measured from (the previous fit's with warm_start).
+    initial: float = -math.inf
 
 
 class Monitor:
@@ -181,6 +196,40 @@ def estep_pass(family, data, params: Params, *, source="the data", split_every=N
     )
 
 
+def _worst_block(x, start, index, family, params, m, rows, compute=_CPU):
+    """The ``m`` rows of a block with the lowest ``family.row_scores``: (scores, global row
+    indices, rows), ordered by score then index."""
+    ws = Workspace(compute.dtype)
+    scores = [np.asarray(to_host(family.row_scores(params, part, get_namespace(part), ws)),
+                         dtype=np.float64) for part in batches(x, rows, compute)]
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    take = np.lexsort((np.arange(scores.size), scores))[:m]
+    take = take[np.isfinite(scores[take])]
+    return scores[take], start + take, np.array(np.asarray(x)[take], dtype=np.float64)
+
+
+def _worst_combine(a, b, m):
+    scores, index, rows = (np.concatenate([u, v]) for u, v in zip(a, b, strict=True))
+    take = np.lexsort((index, scores))[:m]
+    return scores[take], index[take], rows[take]
+
+
+def worst_rows(family, data, params: Params, m: int, *, split_every=None, client=None,
+               compute: Compute = _CPU) -> np.ndarray:
+    """The ``m`` rows of ``data`` the model explains worst (lowest ``family.row_scores``; ties
+    to the lowest row index, so the choice does not depend on the chunking), in that order.
+
+    One pass; each block returns its own ``m`` lowest and the tree keeps the ``m`` lowest.
+    """
+    k = np.shape(params["means"])[0]
+    rows = batch_rows(family, data.shape[1], k, compute)
+    _, _, found = map_reduce(
+        data, _worst_block, family, params, m, rows, compute,
+        combine=functools.partial(_worst_combine, m=m), split_every=split_every,
+        label="worst-rows", client=client)
+    return found
+
+
 @dataclass
 class Snapshot:
     """Where a fit stands after an iteration: everything needed to continue it exactly.
@@ -206,7 +255,7 @@ class Checkpointer(Protocol):
 
 
 def _finished(run: EMResult, max_iter: int) -> bool:
-    return run.converged or run.n_iter >= max_iter
+    return run.converged or run.stopped or run.n_iter >= max_iter
 
 
 def run_em(
@@ -226,6 +275,7 @@ def run_em(
     start: EMResult | None = None,
     state: State | None = None,
     on_iteration: Callable[[EMResult, State], None] | None = None,
+    stop: Callable[[FitHistory], bool] | None = None,
 ) -> EMResult:
     """EM from ``params`` until the mean log-likelihood changes by less than ``tol``.
 
@@ -237,22 +287,47 @@ def run_em(
     monitor = monitor or Monitor()
     state = dict(state or {})
     result = start if start is not None else EMResult(params=params, lower_bound=lower_bound,
-                                                      init=init)
+                                                      init=init, initial=lower_bound)
+    stop = stop or Tol()
     params, lower_bound = result.params, result.lower_bound
+    passes = dict(split_every=split_every, client=client, compute=compute)
     while not _finished(result, max_iter):
         tic = time.perf_counter()
-        stats = estep_pass(family, data, params, source=source, split_every=split_every,
-                           client=client, compute=compute)
+        step = family.for_iteration(result.n_iter) if hasattr(family, "for_iteration") else (
+            family)
+        stats = estep_pass(step, data, params, source=source, **passes)
+        previous_params = params
         params, state = family.mstep(params, stats, state)
-        previous, lower_bound = lower_bound, float(stats["loglik"] / stats["n"])
+        collapsed = state.pop("collapsed", ())
+        if len(collapsed):
+            rows = worst_rows(family, data, previous_params, len(collapsed), **passes)
+            params = family.reseed(params, collapsed, rows)
+            warnings.warn(
+                f"{len(collapsed)} component(s) collapsed at iteration {result.n_iter + 1} "
+                f"(components {[int(j) for j in collapsed]}) and were re-seeded at the rows "
+                "the model explained worst. If this repeats, use fewer components or increase "
+                "reg_covar.", CollapseWarning, stacklevel=4)
+        previous = lower_bound
+        lower_bound = (family.objective(previous_params, stats) if hasattr(family, "objective")
+                       else float(stats["loglik"] / stats["n"]))
         change = lower_bound - previous
         result.lower_bounds.append(lower_bound)
         result.params, result.lower_bound = params, lower_bound
         result.n_iter += 1
-        result.converged = abs(change) < tol
+        result.n_reseeded += len(collapsed)
+        result.seconds.append(time.perf_counter() - tic)
+        # No convergence while annealing or right after a re-seed: the objective moved for
+        # another reason than EM's ascent.
+        tempered = bool(getattr(step, "tempered", False))
+        if not tempered and not len(collapsed):
+            stopped, result.converged = evaluate(
+                stop, result.lower_bounds, result.seconds, tol, result.initial)
+            result.stopped = stopped and not result.converged
         monitor.end_iteration(
-            IterationRecord(init, result.n_iter, lower_bound, change, time.perf_counter() - tic)
-        )
+            IterationRecord(init, result.n_iter, lower_bound, change, result.seconds[-1],
+                            n_reseeded=len(collapsed),
+                            inverse_temperature=float(getattr(step, "inverse_temperature",
+                                                              1.0))))
         if on_iteration is not None:
             on_iteration(result, state)
     return result
@@ -274,6 +349,7 @@ def fit_em(
     monitor: Monitor | None = None,
     checkpoint: Checkpointer | None = None,
     resume: Snapshot | None = None,
+    stop: Callable[[FitHistory], bool] | None = None,
 ) -> EMResult:
     """Run EM from ``n_init`` initialisations and keep the one with the best final lower bound.
 
@@ -295,7 +371,8 @@ def fit_em(
             bounds = run.lower_bounds
             run.converged |= len(bounds) >= 2 and abs(bounds[-1] - bounds[-2]) < tol
         else:
-            run = EMResult(params=initialize(init), lower_bound=lower_bound, init=init)
+            run = EMResult(params=initialize(init), lower_bound=lower_bound, init=init,
+                           initial=lower_bound)
             state = {}
             if checkpoint is not None:
                 checkpoint.save(Snapshot(init, run, state, best))
@@ -308,7 +385,7 @@ def fit_em(
 
         run = run_em(family, data, run.params, max_iter=max_iter, tol=tol, init=init,
                      source=source, split_every=split_every, client=client, compute=compute,
-                     monitor=monitor, start=run, state=state, on_iteration=save)
+                     monitor=monitor, start=run, state=state, on_iteration=save, stop=stop)
         monitor.end_init(init, run, time.perf_counter() - tic)
         if best is None or run.lower_bound > best.lower_bound:
             best = run

@@ -105,5 +105,14 @@ def tree_allclose(a: Stats, b: Stats, rtol: float, atol: float = 0.0) -> bool:
 
 
 def family_spec(family) -> dict:
-    """A JSON-serialisable description of a family: its name and hyperparameters."""
-    return {"name": family.name, **dataclasses.asdict(family)}
+    """A JSON-serialisable description of a family: its name and hyperparameters (arrays, such
+    as a prior's, as nested lists)."""
+    return {"name": family.name, **_plain(dataclasses.asdict(family))}
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return value

@@ -24,16 +24,38 @@ direct form ``|U^T (x - mu)|^2`` instead; see :func:`_expansion_error`.
 
 M-step (shared/notes/model-math.md section 1.3): with ``b_k = s1_k / N_k``, ``mu_k = c + b_k``
 and, for full covariances, ``Sigma_k = s2_k / N_k - b_k b_k^T + reg_covar I``. As scikit-learn
-does, ``N_k`` carries ``10 * eps`` so an empty component does not divide by zero.
+does, ``N_k`` carries ``10 * eps`` so an empty component does not divide by zero. With a
+``prior`` the M-step is the posterior mode of :mod:`dmix.families.priors` (section 1.4).
+
+Variants of the E-step, each a field of the family (sections 1.5, 1.6):
+
+* ``cem``: classification EM. Responsibilities are one-hot at ``argmax_k l_ik`` (the lowest
+  index on ties) and ``loglik`` is the classification log-likelihood ``sum_i max_k l_ik``, the
+  objective CEM increases.
+* ``inverse_temperature`` ``nu < 1``: deterministic annealing. Responsibilities are
+  ``softmax_k(nu l_ik)``; ``loglik`` stays the untempered log-likelihood. The schedule of ``nu``
+  is :meth:`Gaussian.for_iteration`.
+* ``weighted``: the last column of a block holds the rows' weights ``w_i >= 0``; statistics are
+  ``sum_i w_i ...`` and ``n`` is ``sum_i w_i``.
+* ``missing="marginalize"``: rows with NaN entries go through :mod:`dmix.families.missing`
+  (the exact E-step of incomplete-data EM).
+
+A component *collapses* when it holds less than one row's worth of responsibility
+(``N_k < 1``) or its covariance estimate is not positive definite. ``on_collapse="raise"``
+stops with :class:`~dmix.errors.IllConditionedError` naming it; ``"reseed"`` keeps its previous
+parameters and lists it in the M-step state under ``"collapsed"``, and the engine re-seeds it
+with :meth:`Gaussian.reseed` from the rows the model explains worst.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 
+from dmix.errors import IllConditionedError
 from dmix.families.base import Params, State, Stats, tree_add
 from dmix.families.covariance import get_covariance
 from dmix.kernels import normalize_log
@@ -70,6 +92,19 @@ def _expansion_error(cov, params: Params, means_c, coef, pmu, dtype=np.float64) 
     return float(np.finfo(dtype).eps * np.max(terms))
 
 
+def _hard_assignments(wlp, xp, ws: Workspace):
+    """One-hot responsibilities at ``argmax_k`` of the (K, n) log-densities (the lowest index on
+    ties) and each row's classification log-likelihood ``max_k l_ik``."""
+    k, n = wlp.shape
+    best = xp.argmax(wlp, axis=0)
+    cols = xp.arange(n)
+    value = wlp[best, cols]
+    resp = ws.take("hard", (k, n), xp)
+    resp[...] = 0.0
+    resp[best, cols] = 1.0
+    return resp, value
+
+
 def _shift(params: Params) -> np.ndarray:
     """The centring shift ``c = sum_k w_k mu_k`` (a fixed summation order on every process)."""
     return np.sum(params["weights"][:, None] * params["means"], axis=0)
@@ -85,18 +120,62 @@ class Gaussian:
         Structure of the component covariances (``'tied_full'`` is an alias of ``'tied'``).
     reg_covar : float
         Non-negative value added to the diagonal of every covariance estimate.
+    var_regularization : float
+        Non-negative value added to the diagonal after the M-step's estimate (the ``mixes``
+        package's option; on this family the same as raising ``reg_covar``).
+    prior : dmix.families.priors.GaussianPrior, optional
+        Conjugate priors: the M-step gives the posterior mode (MAP) instead of the ML estimate.
+    cem : bool
+        Classification EM (hard assignments).
+    inverse_temperature : float in (0, 1]
+        Tempering of the responsibilities (deterministic annealing); 1 is plain EM.
+    annealing_start, annealing_iter : float, int
+        The annealing schedule of :meth:`for_iteration` (``annealing_iter = 0``: no annealing).
+    on_collapse : {'reseed', 'raise'}
+        What the M-step does with a collapsed component (see the module docstring).
+    missing : {'raise', 'marginalize'}
+        Rows with NaN entries: an error (the engine names them), or marginalised.
+    weighted : bool
+        Blocks carry the rows' weights as their last column.
     """
 
     name: ClassVar[str] = "gaussian"
 
     covariance_type: str = "full"
     reg_covar: float = 1e-6
+    var_regularization: float = 0.0
+    prior: object = None
+    cem: bool = False
+    inverse_temperature: float = 1.0
+    annealing_start: float = 1.0
+    annealing_iter: int = 0
+    on_collapse: str = "reseed"
+    missing: str = "raise"
+    weighted: bool = False
 
     def __post_init__(self):
         cov = get_covariance(self.covariance_type)  # raises on an unknown name
         object.__setattr__(self, "covariance_type", cov.name)
-        if not (isinstance(self.reg_covar, int | float) and self.reg_covar >= 0):
-            raise ValueError(f"reg_covar must be a float >= 0. Got {self.reg_covar!r} instead.")
+        for name in ("reg_covar", "var_regularization"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a float >= 0. Got {value!r} instead.")
+        for name in ("inverse_temperature", "annealing_start"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value <= 1):
+                raise ValueError(f"{name} must be a float in (0, 1]. Got {value!r} instead.")
+        if not (isinstance(self.annealing_iter, int) and self.annealing_iter >= 0):
+            raise ValueError(
+                f"annealing_iter must be an int >= 0. Got {self.annealing_iter!r} instead.")
+        if self.on_collapse not in ("reseed", "raise"):
+            raise ValueError(
+                f"on_collapse must be 'reseed' or 'raise'. Got {self.on_collapse!r} instead.")
+        if self.missing not in ("raise", "marginalize"):
+            raise ValueError(
+                f"missing must be 'raise' or 'marginalize'. Got {self.missing!r} instead.")
+        if self.cem and (self.annealing_iter or self.inverse_temperature < 1):
+            raise ValueError("Annealing has no effect on classification EM (cem=True): the "
+                             "hard assignments do not depend on the temperature.")
 
     @property
     def covariance(self):
@@ -205,22 +284,46 @@ class Gaussian:
 
     def estep(self, params: Params, x, xp, workspace: Workspace | None = None) -> Stats:
         ws = workspace or Workspace()
+        weights = None
+        if self.weighted:
+            x, weights = x[:, :-1], x[:, -1]
+        if self.missing == "marginalize":
+            incomplete = xp.isnan(x).any(axis=1)
+            if bool(incomplete.any()):
+                from dmix.families.missing import estep_missing
+
+                part = estep_missing(self, params, x[incomplete], xp)
+                return tree_add(self._estep(params, x[~incomplete], xp, ws), part)
+        return self._estep(params, x, xp, ws, weights)
+
+    def _estep(self, params: Params, x, xp, ws: Workspace, weights=None) -> Stats:
         d = x.shape[1]
         with quiet_nonfinite(xp):  # non-finite rows are counted below and reported
-            t, resp = self._weighted_log_prob(params, x, xp, ws)
-            log_norm = normalize_log(resp, resp, xp, axis=0)  # resp: the responsibilities
+            t, wlp = self._weighted_log_prob(params, x, xp, ws)
+            if self.cem:
+                resp, log_norm = _hard_assignments(wlp, xp, ws)
+            elif self.inverse_temperature < 1:  # softmax(nu l), and the untempered loglik
+                resp = ws.take("tempered", wlp.shape, xp)
+                xp.multiply(wlp, self.inverse_temperature, out=resp)
+                normalize_log(resp, resp, xp, axis=0)
+                log_norm = normalize_log(wlp, wlp, xp, axis=0)
+            else:
+                resp = wlp
+                log_norm = normalize_log(resp, resp, xp, axis=0)  # resp: the responsibilities
         ok = xp.isfinite(log_norm)
         n_bad = int(x.shape[0] - int(xp.count_nonzero(ok)))
         if n_bad:  # keep the sums finite; the engine reports the rows
             t[:, ~ok] = 0.0
             resp[:, ~ok] = 0.0
             log_norm = xp.where(ok, log_norm, 0.0)
-        return {
-            "n": float(x.shape[0]),
-            "loglik": float(xp.sum(log_norm, dtype=xp.float64)),
-            "n_nonfinite": float(n_bad),
-            **self._moments(t, resp, d, ws),
-        }
+        if weights is None:
+            n, loglik = float(x.shape[0]), float(xp.sum(log_norm, dtype=xp.float64))
+        else:
+            resp *= weights[None, :]
+            n = float(xp.sum(weights, dtype=xp.float64))
+            loglik = float(xp.sum(weights * log_norm, dtype=xp.float64))
+        return {"n": n, "loglik": loglik, "n_nonfinite": float(n_bad),
+                **self._moments(t, resp, d, ws)}
 
     def combine(self, a: Stats, b: Stats) -> Stats:
         return tree_add(a, b)
@@ -243,24 +346,128 @@ class Gaussian:
 
     # -- driver side ------------------------------------------------------------------------
 
-    def _estimate(self, stats: Stats, shift: np.ndarray, n_total=None) -> Params:
+    def _estimate(self, stats: Stats, shift: np.ndarray, n_total=None, previous=None):
         """Parameters from statistics about ``shift``; weights ``N_k / n_total`` (default
-        ``sum_k N_k``)."""
+        ``sum_k N_k``). Returns ``(params, collapsed)``: with ``previous`` parameters, the
+        indices of the collapsed components, which keep their previous values."""
         # C order whatever the layout the statistics arrived in (the E-step's are transposed
         # views): NumPy's sums depend on it in the last bit, and resumed fits must be exact.
+        cov = self.covariance
         nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10
         b = np.ascontiguousarray(stats["s1"]) / nk[:, None]
-        s2 = self.covariance.from_quadratic(np.ascontiguousarray(np.asarray(stats["s2"]).T))
-        covariances = self.covariance.estimate(nk, b, s2, self.reg_covar)
-        return {
-            "weights": nk / (np.sum(nk) if n_total is None else n_total),
-            "means": shift + b,
+        s2 = cov.from_quadratic(np.ascontiguousarray(np.asarray(stats["s2"]).T))
+        reg = self.reg_covar + self.var_regularization
+        if self.prior is not None and n_total is None:
+            from dmix.families.priors import map_estimate
+
+            weights, means, covariances = map_estimate(cov, nk, b, s2, shift, self.prior, reg)
+        else:
+            covariances = cov.estimate(nk, b, s2, reg)
+            weights = nk / (np.sum(nk) if n_total is None else n_total)
+            means = shift + b
+        collapsed = np.zeros(0, dtype=np.intp)
+        if previous is not None:
+            collapsed = self._collapsed(nk, covariances, means.shape[1])
+            if collapsed.size:
+                means, covariances = means.copy(), np.array(covariances, copy=True)
+                means[collapsed] = previous["means"][collapsed]
+                covariances[collapsed] = previous["covariances"][collapsed]
+        params = {
+            "weights": weights,
+            "means": means,
             "covariances": covariances,
-            "precisions_cholesky": self.covariance.precision_cholesky(covariances),
+            "precisions_cholesky": cov.precision_cholesky(covariances),
         }
+        return params, collapsed
+
+    def _collapsed(self, nk, covariances, n_features: int) -> np.ndarray:
+        """Indices of components with ``N_k < 1`` or a covariance that is not positive
+        definite; raises :class:`IllConditionedError` under ``on_collapse="raise"``, and where
+        re-seeding cannot help (a tied covariance, or every component collapsed)."""
+        cov, k = self.covariance, nk.shape[0]
+        bad = nk < 1
+        if not cov.tied:
+            for j in range(k):
+                try:
+                    chol = cov.precision_cholesky(covariances[j : j + 1])
+                    bad[j] |= not np.all(np.isfinite(chol))
+                except (IllConditionedError, np.linalg.LinAlgError):
+                    bad[j] = True
+        else:
+            cov.precision_cholesky(covariances)  # a tied covariance: no component to re-seed
+        idx = np.flatnonzero(bad)
+        if idx.size and (self.on_collapse == "raise" or idx.size == k):
+            j = int(idx[0])
+            why = "its covariance estimate is not positive definite" if nk[j] >= 1 else (
+                "it is (nearly) empty")
+            raise IllConditionedError(
+                f"Fitting the mixture model failed because component {j} collapsed: it holds "
+                f"{nk[j]:.3g} rows' worth of responsibility and {why} ({idx.size} of {k} "
+                "components collapsed). Use fewer components, increase reg_covar, scale the "
+                "input data" + (", or pass on_collapse='reseed' to re-seed collapsed "
+                "components from the rows the model explains worst." if idx.size < k else "."))
+        return idx
 
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
-        return self._estimate(stats, _shift(params)), state
+        new, collapsed = self._estimate(stats, _shift(params), previous=params)
+        if collapsed.size:
+            state = {**state, "collapsed": collapsed}
+        return new, state
+
+    def objective(self, params: Params, stats: Stats) -> float:
+        """What EM increases, per row: the mean log-likelihood of ``params`` (the
+        classification log-likelihood under ``cem``), plus ``log p(params) / n`` with a prior."""
+        value = float(stats["loglik"]) / float(stats["n"])
+        if self.prior is not None:
+            from dmix.families.priors import log_prior
+
+            value += log_prior(self.covariance, params, self.prior) / float(stats["n"])
+        return value
+
+    @property
+    def tempered(self) -> bool:
+        """Whether the E-step tempers the responsibilities (then EM has not converged)."""
+        return self.inverse_temperature < 1
+
+    def for_iteration(self, iteration: int) -> Gaussian:
+        """The family for the E-step of iteration ``iteration`` (0 for the first).
+
+        With annealing, the inverse temperature rises geometrically from ``annealing_start``
+        at iteration 0 to 1 at iteration ``annealing_iter``:
+        ``nu_t = annealing_start ** (1 - t / annealing_iter)``, then stays at 1.
+        """
+        if not self.annealing_iter:
+            return self
+        frac = max(0.0, 1.0 - iteration / self.annealing_iter)
+        return replace(self, inverse_temperature=float(self.annealing_start ** frac))
+
+    def row_scores(self, params: Params, x, xp, workspace: Workspace | None = None):
+        """How well the model explains each row (its log-density), for re-seeding collapsed
+        components at the lowest; rows with missing values or zero weight score ``+inf``."""
+        w = None
+        if self.weighted:
+            x, w = x[:, :-1], x[:, -1]
+        incomplete = xp.isnan(x).any(axis=1)
+        scores = self.log_density(params, xp.where(incomplete[:, None], 0.0, x), xp, workspace)
+        scores = xp.where(incomplete, xp.inf, scores)
+        return scores if w is None else xp.where(w > 0, scores, xp.inf)
+
+    def reseed(self, params: Params, collapsed, rows) -> Params:
+        """Re-seed the ``collapsed`` components at ``rows`` (one row each, the rows the model
+        explains worst): each takes a row as its mean, the weighted mean of the other
+        components' covariances, and weight ``1 / K`` before the weights are renormalised."""
+        weights = np.array(params["weights"], dtype=np.float64)
+        means = np.array(params["means"], dtype=np.float64)
+        covariances = np.array(params["covariances"], dtype=np.float64)
+        k, d = means.shape
+        collapsed = np.asarray(collapsed, dtype=np.intp)
+        means[collapsed] = np.asarray(rows, dtype=np.float64)[:, :d]
+        if not self.covariance.tied:
+            keep = np.setdiff1d(np.arange(k), collapsed)
+            w = weights[keep] / np.sum(weights[keep])
+            covariances[collapsed] = np.tensordot(w, covariances[keep], axes=1)
+        weights[collapsed] = 1.0 / k
+        return self.make_params(weights / np.sum(weights), means, covariances)
 
     def params_from_stats(self, stats: Stats, shift: np.ndarray) -> Params:
         """Initial parameters from statistics gathered with given responsibilities about ``shift``.
@@ -268,7 +475,7 @@ class Gaussian:
         This is scikit-learn's ``_initialize`` from ``resp``: weights ``N_k / N`` (not
         renormalised), means and covariances as in the M-step.
         """
-        return self._estimate(stats, shift, stats["n"])
+        return self._estimate(stats, shift, stats["n"])[0]
 
     def params_from_points(self, points: np.ndarray, n_samples: int) -> Params:
         """Initial parameters where each row of ``points`` alone has responsibility 1 for its

@@ -381,6 +381,10 @@ def _run_attrs(run: EMResult) -> dict:
         "converged": bool(run.converged),
         "lower_bound": float(run.lower_bound) if finite else None,
         "lower_bounds": [float(v) for v in run.lower_bounds],
+        "seconds": [float(v) for v in run.seconds],
+        "n_reseeded": int(run.n_reseeded),
+        "stopped": bool(run.stopped),
+        "initial": float(run.initial) if np.isfinite(run.initial) else None,
     }
 
 
@@ -393,4 +397,8 @@ def _run_from_attrs(attrs: dict, params: dict) -> EMResult:
         n_iter=int(attrs["n_iter"]),
         converged=bool(attrs["converged"]),
         init=int(attrs["init"]),
+        seconds=list(attrs.get("seconds", [])),
+        n_reseeded=int(attrs.get("n_reseeded", 0)),
+        stopped=bool(attrs.get("stopped", False)),
+        initial=-np.inf if attrs.get("initial") is None else float(attrs["initial"]),
     )

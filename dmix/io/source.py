@@ -13,6 +13,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -335,3 +336,42 @@ def check_visible_to_workers(X, client) -> None:
             f"worker(s) ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}). Put the "
             "data on a filesystem every worker mounts at the same path, or use a URL."
         )
+
+
+def with_weights(source: Source, sample_weight, *, client=None) -> da.Array:
+    """The data of ``source`` with the rows' weights appended as a last column, in the same
+    row blocks (so each block carries its own weights to the E-step).
+
+    ``sample_weight`` is an array-like, Dask or Zarr array, or a path/URL of a Zarr array, of
+    shape (n_samples,). Raises :class:`~dmix.errors.DataError` unless every weight is finite
+    and non-negative and their sum is positive (one pass over the weights).
+    """
+    if isinstance(sample_weight, str | os.PathLike):
+        sample_weight, desc = _open_zarr(os.fspath(sample_weight), None, None)
+    else:
+        desc = "sample_weight"
+    if isinstance(sample_weight, zarr.Array):
+        w = da.from_zarr(sample_weight)
+    elif isinstance(sample_weight, da.Array):
+        w = sample_weight
+    else:
+        if type(sample_weight).__module__.split(".")[0] == "cupy":
+            sample_weight = sample_weight.get()
+        w = da.from_array(np.asarray(sample_weight), name=False)
+    n = source.shape[0]
+    if w.ndim == 2 and w.shape[1] == 1:
+        w = w[:, 0]
+    if w.shape != (n,):
+        raise DataError(f"{desc} must have shape ({n},), one weight per row of "
+                        f"{source.description}. Got shape {w.shape}.")
+    if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+        raise DataError(f"{desc} must be real numbers. Got dtype {w.dtype}.")
+    w = w.astype(source.dtype).rechunk((source.array.chunks[0],))
+    checks = [da.isfinite(w).all(), w.min(), w.sum()]
+    finite, low, total = (dask.compute(*checks) if client is None
+                          else client.gather(client.compute(checks)))
+    if not finite or low < 0 or not total > 0:
+        raise DataError(
+            f"{desc} must be finite and non-negative with a positive sum; it has "
+            + ("non-finite values." if not finite else f"minimum {low!r} and sum {total!r}."))
+    return da.concatenate([source.array, w[:, None]], axis=1).rechunk({1: -1})

@@ -15,7 +15,7 @@ import pytest
 from dmix.errors import IllConditionedError
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
-from dmix.testing import assert_rel
+from dmix.testing import assert_rel, structured_covariances
 
 K, D = 3, 4
 TYPES = list(COVARIANCE_TYPES)
@@ -350,12 +350,19 @@ def test_collapsed_component_in_mstep_is_named(name):
     resp[:40, 0] = 1.0
     resp[40:, 1] = 1.0
     params = {"weights": np.array([0.5, 0.5]), "means": np.full((2, 2), 8.0)}
-    family = Gaussian(covariance_type=name, reg_covar=0.0)
+    params["covariances"] = structured_covariances(np.array([np.eye(2), np.eye(2)]), name)
+    family = Gaussian(covariance_type=name, reg_covar=0.0, on_collapse="raise")
     stats = family.stats_from_resp(resp, x, np.full(2, 8.0), np)
     stats.update(loglik=0.0, n_nonfinite=0.0)
-    what = r"the shared \(tied\) covariance" if family.covariance.tied else "component 1"
-    with pytest.raises(IllConditionedError, match=f"because {what} has an ill-defined"):
+    what = (r"because the shared \(tied\) covariance has an ill-defined"
+            if family.covariance.tied else "because component 1 collapsed")
+    with pytest.raises(IllConditionedError, match=what):
         family.mstep(params, stats, {})
+    if not family.covariance.tied:  # re-seeding: the component keeps its previous values
+        new, state = Gaussian(covariance_type=name, reg_covar=0.0).mstep(params, stats, {})
+        assert state["collapsed"].tolist() == [1]
+        assert_rel(new["covariances"][1], params["covariances"][1], 0)
+        assert np.all(np.isfinite(new["precisions_cholesky"]))
     new = Gaussian(covariance_type=name, reg_covar=1e-6).mstep(params, stats, {})[0]
     assert_rel(new["means"][1], np.array([8.0, 8.0]), 1e-12)
     assert np.min(family.covariance.dense(new["covariances"], 2, 2)) >= -1e-300
