@@ -37,8 +37,6 @@ Variants of the E-step, each a field of the family (sections 1.5, 1.6):
   is :meth:`Gaussian.for_iteration`.
 * ``weighted``: the last column of a block holds the rows' weights ``w_i >= 0``; statistics are
   ``sum_i w_i ...`` and ``n`` is ``sum_i w_i``.
-* ``missing="marginalize"``: rows with NaN entries go through :mod:`dmix.families.missing`
-  (the exact E-step of incomplete-data EM).
 
 A component *collapses* when it holds less than one row's worth of responsibility
 (``N_k < 1``) or its covariance estimate is not positive definite. ``on_collapse="raise"``
@@ -133,8 +131,6 @@ class Gaussian:
         The annealing schedule of :meth:`for_iteration` (``annealing_iter = 0``: no annealing).
     on_collapse : {'reseed', 'raise'}
         What the M-step does with a collapsed component (see the module docstring).
-    missing : {'raise', 'marginalize'}
-        Rows with NaN entries: an error (the engine names them), or marginalised.
     weighted : bool
         Blocks carry the rows' weights as their last column.
     """
@@ -150,7 +146,6 @@ class Gaussian:
     annealing_start: float = 1.0
     annealing_iter: int = 0
     on_collapse: str = "reseed"
-    missing: str = "raise"
     weighted: bool = False
 
     def __post_init__(self):
@@ -170,9 +165,6 @@ class Gaussian:
         if self.on_collapse not in ("reseed", "raise"):
             raise ValueError(
                 f"on_collapse must be 'reseed' or 'raise'. Got {self.on_collapse!r} instead.")
-        if self.missing not in ("raise", "marginalize"):
-            raise ValueError(
-                f"missing must be 'raise' or 'marginalize'. Got {self.missing!r} instead.")
         if self.cem and (self.annealing_iter or self.inverse_temperature < 1):
             raise ValueError("Annealing has no effect on classification EM (cem=True): the "
                              "hard assignments do not depend on the temperature.")
@@ -287,13 +279,6 @@ class Gaussian:
         weights = None
         if self.weighted:
             x, weights = x[:, :-1], x[:, -1]
-        if self.missing == "marginalize":
-            incomplete = xp.isnan(x).any(axis=1)
-            if bool(incomplete.any()):
-                from dmix.families.missing import estep_missing
-
-                part = estep_missing(self, params, x[incomplete], xp)
-                return tree_add(self._estep(params, x[~incomplete], xp, ws), part)
         return self._estep(params, x, xp, ws, weights)
 
     def _estep(self, params: Params, x, xp, ws: Workspace, weights=None) -> Stats:
@@ -443,14 +428,11 @@ class Gaussian:
 
     def row_scores(self, params: Params, x, xp, workspace: Workspace | None = None):
         """How well the model explains each row (its log-density), for re-seeding collapsed
-        components at the lowest; rows with missing values or zero weight score ``+inf``."""
-        w = None
-        if self.weighted:
-            x, w = x[:, :-1], x[:, -1]
-        incomplete = xp.isnan(x).any(axis=1)
-        scores = self.log_density(params, xp.where(incomplete[:, None], 0.0, x), xp, workspace)
-        scores = xp.where(incomplete, xp.inf, scores)
-        return scores if w is None else xp.where(w > 0, scores, xp.inf)
+        components at the lowest; rows of zero weight score ``+inf`` (never chosen)."""
+        if not self.weighted:
+            return self.log_density(params, x, xp, workspace)
+        scores = self.log_density(params, x[:, :-1], xp, workspace)
+        return xp.where(x[:, -1] > 0, scores, xp.inf)
 
     def reseed(self, params: Params, collapsed, rows) -> Params:
         """Re-seed the ``collapsed`` components at ``rows`` (one row each, the rows the model

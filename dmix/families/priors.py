@@ -60,6 +60,17 @@ class GaussianPrior:
     covariance: np.ndarray | None = None
     degrees_of_freedom: float | None = None
 
+    def _key(self) -> tuple:
+        return tuple(None if v is None else (np.shape(v), np.asarray(v, np.float64).tobytes())
+                     for v in (self.weight_concentration, self.mean, self.mean_precision,
+                               self.covariance, self.degrees_of_freedom))
+
+    def __eq__(self, other) -> bool:  # by value (arrays compared exactly)
+        return isinstance(other, GaussianPrior) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     @property
     def has_mean(self) -> bool:
         return self.mean is not None

@@ -36,3 +36,29 @@ class TestGaussianConformance(FamilyTests):
         dense = np.stack([np.cov(data.T) * s for s in (0.5, 0.8, 1.2)])
         covariances = structured_covariances(dense, family.covariance_type)
         return family.make_params([0.2, 0.3, 0.5], means, covariances)
+
+
+def _variant(name: str) -> Gaussian:
+    """Gaussian families with the options of issue 6, for the conformance suite."""
+    from dmix.families.priors import resolve_prior
+
+    cov_type, option = name.split(":")
+    if option == "map":
+        prior = resolve_prior(cov_type, 3, 3, weight_concentration_prior=2.0,
+                              mean_precision_prior=0.1, degrees_of_freedom_prior=6.0,
+                              data_mean=np.array([5.0, -2.0, 0.5]), data_covariance=np.eye(3))
+        return Gaussian(covariance_type=cov_type, prior=prior)
+    if option == "cem":
+        return Gaussian(covariance_type=cov_type, cem=True)
+    return Gaussian(covariance_type=cov_type, var_regularization=1e-3)
+
+
+class TestGaussianVariantsConformance(TestGaussianConformance):
+    """MAP (Dirichlet + Normal-inverse-Wishart), classification EM and variance
+    regularisation pass the same properties (EM increases the log-posterior under MAP and the
+    classification log-likelihood under CEM)."""
+
+    @pytest.fixture(params=[f"{t}:{o}" for t in COVARIANCE_TYPES for o in ("map", "cem")]
+                    + ["full:varreg", "diag:varreg"])
+    def family(self, request):
+        return _variant(request.param)
