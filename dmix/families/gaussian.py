@@ -370,7 +370,9 @@ class Gaussian:
         definite; raises :class:`IllConditionedError` under ``on_collapse="raise"``, and where
         re-seeding cannot help (a tied covariance, or every component collapsed)."""
         cov, k = self.covariance, nk.shape[0]
-        bad = nk < 1
+        # With Normal-inverse-Wishart priors an empty component still has a posterior mode.
+        defined = self.prior is not None and self.prior.has_mean and self.prior.has_covariance
+        bad = np.zeros(k, dtype=bool) if defined else nk < 1
         if not cov.tied:
             for j in range(k):
                 try:
