@@ -12,9 +12,9 @@ float64 EM written here, started from scikit-learn's k-means labels as scikit-le
 
 Best of 20 (measured 2026-12-04; dmix - reference is within +-1.2e-14 except on iris tied_diag):
 
-=========  ==============  =================  =================
+=========  ==============  =================  ===================
 data       covariance      dmix best          reference best
-=========  ==============  =================  =================
+=========  ==============  =================  ===================
 iris       full             -1.201454751      -1.201454751 (sk)
 iris       tied             -1.712200840      -1.712200840 (sk)
 iris       diag             -2.047869922      -2.047869922 (sk)
@@ -27,7 +27,7 @@ wine       diag            -14.406822358     -14.406822358 (sk)
 wine       spherical       -15.395454050     -15.395454050 (sk)
 wine       tied_diag       -15.128978293     -15.128978293 (ref)
 wine       tied_spherical  -15.660372972     -15.660372972 (ref)
-=========  ==============  =================  =================
+=========  ==============  =================  ===================
 
 On iris tied_diag dmix is 3.3e-3 *better*: EM crawls there, and with tol=1e-3 most runs of
 both stop after about 4 iterations on a plateau (-2.41335 or -2.41343); dmix's seeds 0 and 18
@@ -70,7 +70,7 @@ def reference_em(x, labels, covariance_type, tol=TOL, reg_covar=REG_COVAR, max_i
     in float64, from hard ``labels``; returns the final lower bound in scikit-learn's sense
     (the mean log-likelihood of the last E-step, of the parameters entering the last
     iteration), stopping when it changes by less than ``tol``."""
-    n, d = x.shape
+    d = x.shape[1]
     resp = np.eye(K)[labels]
     lower_bound = -math.inf
     for _ in range(max_iter):

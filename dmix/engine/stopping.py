@@ -180,9 +180,10 @@ class Relative:
     :math:`|\ell_t - \ell_{t-1}| < \mathrm{tol} \cdot |\ell_t|`.
 
     Multiplying every :math:`\ell_t` by a constant does not change where it stops (but a
-    change of the data's units adds a constant to the mean log-likelihood, which does; and
-    near :math:`\ell_t = 0` it asks for an almost exact fixed point). mclust's EM uses a
-    relative tolerance on the log-likelihood (``emControl``, default ``1e-5``).
+    change of the data's units adds a constant to the mean log-likelihood, which does).
+    Near :math:`\ell_t = 0` it asks for an almost exact fixed point; at 0 it never stops.
+    mclust's EM uses a relative tolerance on the log-likelihood (``emControl``, default
+    ``1e-5``).
 
     Parameters
     ----------
@@ -324,7 +325,7 @@ class AnyOf:
 
     def __call__(self, history: FitHistory) -> bool:
         # Every member sees every history (none short-circuits another's state, if it has one).
-        return any([bool(c(history)) for c in self.criteria])
+        return any([bool(c(history)) for c in self.criteria])  # noqa: C419
 
 
 def stop_reason(criterion: Criterion, history: FitHistory) -> Stop | None:
@@ -396,6 +397,8 @@ def _build(spec, name: str, kwargs: dict, tol: float | None) -> Criterion:
             raise _invalid(spec, "any_of takes exactly one key besides 'name', 'criteria', "
                            "a list")
         return AnyOf(*members, tol=tol)
+    if name == "wall_clock" and "seconds" not in kwargs:
+        raise _invalid(spec, "wall_clock needs its 'seconds'")
     allowed = {_NUMBER[name]}
     unknown = set(kwargs) - allowed
     if unknown:
