@@ -27,7 +27,7 @@ from dmix.engine.reduce import (
     resolve_client,
     worker_slots,
 )
-from dmix.engine.stopping import get_criterion
+from dmix.engine.stopping import criterion_spec, get_criterion
 from dmix.errors import DataError, DmixError, InvalidParameterError, NotFittedError
 from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
@@ -276,7 +276,7 @@ default='full'
                 raise InvalidParameterError(
                     f"{name}: annealing=True has no effect with cem=True (hard assignments do "
                     "not depend on the temperature); choose one.")
-        get_criterion(self.stopping_criterion, self.tol)  # raises on an unknown criterion
+        get_criterion(self.stopping_criterion)  # raises on an unknown criterion
 
     def _check_user_init(self, family: Gaussian, n_features: int):
         """Validate ``weights_init``, ``means_init`` and ``precisions_init`` (scikit-learn's checks)."""
@@ -481,7 +481,7 @@ default='full'
             family, em_data, initialize, n_init=n_init, max_iter=self.max_iter, tol=self.tol,
             lower_bound=-math.inf if do_init else self.lower_bound_, monitor=monitor,
             checkpoint=ckpt, resume=None if loaded is None else loaded.snapshot,
-            compute=compute, stop=get_criterion(self.stopping_criterion, self.tol), **passes)
+            compute=compute, stop=get_criterion(self.stopping_criterion), **passes)
         self._set_params(family, result.params)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
@@ -543,6 +543,15 @@ default='full'
                     if k not in ("client", "weights_init", "means_init", "precisions_init")}
         if not isinstance(settings["random_state"], numbers.Integral):
             settings["random_state"] = None
+        if settings["checkpoint"] is not None:
+            settings["checkpoint"] = os.fspath(settings["checkpoint"])
+        criterion = get_criterion(self.stopping_criterion)
+        settings["stopping_criterion"] = criterion_spec(criterion)
+        if settings["stopping_criterion"] is None:
+            raise InvalidParameterError(
+                f"{type(self).__name__}: a checkpointed fit needs a stopping_criterion that "
+                "can be saved with it (a name, a dict, or a built-in of "
+                "dmix.engine.stopping); a function cannot be saved.")
         ckpt.meta = {"estimator": type(self).__name__, "family": spec, "options": must_match,
                      "settings": settings, "data": fingerprint, "seed": str(seed),
                      "dmix_version": _version(), "versions": _versions()}

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from dmix.engine.reduce import map_reduce
-from dmix.engine.stopping import FitHistory, Tol, evaluate
+from dmix.engine.stopping import FitHistory, Stop, Tol, stop_reason
 from dmix.errors import CollapseWarning, ConvergenceWarning, DataError
 from dmix.families.base import Params, State, Stats, tree_accumulate
 from dmix.xp import Compute, Workspace, batches, get_namespace, to_host
@@ -320,9 +320,10 @@ def run_em(
         # another reason than EM's ascent.
         tempered = bool(getattr(step, "tempered", False))
         if not tempered and not len(collapsed):
-            stopped, result.converged = evaluate(
-                stop, result.lower_bounds, result.seconds, tol, result.initial)
-            result.stopped = stopped and not result.converged
+            reason = stop_reason(stop, FitHistory(result.lower_bounds, result.seconds, tol,
+                                                  result.initial))
+            result.converged = reason is Stop.CONVERGED
+            result.stopped = reason is Stop.BUDGET
         monitor.end_iteration(
             IterationRecord(init, result.n_iter, lower_bound, change, result.seconds[-1],
                             n_reseeded=len(collapsed),
