@@ -93,7 +93,7 @@ def _split_settings(estimator) -> tuple[dict, dict]:
                 f"The {name!r} parameter is a {type(value).__name__}, which cannot be saved; "
                 f"the model is saved with {name}=None (sample() of the loaded model will "
                 "differ). Pass an int seed to save a reproducible model.",
-                UserWarning, stacklevel=3)
+                UserWarning, stacklevel=4)  # the caller of save_model
             value = None
         elif callable(value):
             raise InvalidParameterError(
