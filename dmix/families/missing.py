@@ -1,0 +1,291 @@
+"""Gaussian mixtures on rows with missing entries (NaN), by marginalising the missing features.
+
+This is the E-step of EM for incomplete data, exact under "missing at random" (Ghahramani and
+Jordan 1994; Little and Rubin, *Statistical Analysis with Missing Data*, ch. 11). For a row
+``x`` with observed features ``o`` and missing features ``m``, and component ``k``::
+
+    log p(x_o | k) = log N(x_o; mu_o, Sigma_oo)                      (the marginal Gaussian)
+    r_k            = w_k p(x_o | k) / sum_j w_j p(x_o | j)
+    xhat_k         = x with x_m := mu_m + Sigma_mo Sigma_oo^{-1} (x_o - mu_o)
+    C_k            = 0 except C_mm = Sigma_mm - Sigma_mo Sigma_oo^{-1} Sigma_om
+
+and the statistics are those of :mod:`dmix.families.gaussian` with the expected sufficient
+statistics in place of the complete-data ones (``c`` the shift of the current parameters)::
+
+    nk_k += r_k,   s1_k += r_k (xhat_k - c),   s2_k += r_k [Q(xhat_k - c) + P(C_k)]
+
+where ``P`` packs a symmetric matrix as ``quadratic_features`` packs ``x x^T`` (upper triangle
+for full/tied, the diagonal for the diagonal types, the trace for the spherical ones), so that
+``E[Q(x - c) | x_o, k] = Q(xhat_k - c) + P(C_k)``. ``loglik`` is the observed-data
+log-likelihood ``sum_i log sum_k w_k p(x_o,i | k)``, which EM with these statistics and the
+family's unchanged M-step never decreases. Every statistic is a sum over rows, so blocks and
+sub-batches combine by addition as before.
+
+A row with every feature missing has ``p(x_o | k) = 1`` (an empty marginal): ``log p = 0``,
+``r = w / sum(w)``, ``xhat_k = mu_k`` and ``C_k = Sigma_k``. It leaves the M-step's estimates
+where they are (its expected statistics are those of the current model), which is still exact
+EM; it only adds 0 to the log-likelihood.
+
+A row with a ``+-inf`` entry is counted in ``n_nonfinite`` and contributes nothing, as in
+``Gaussian.estep``; so does a row whose log-density is not finite for all components.
+
+Computation (float64, on the host; CuPy input is copied over):
+
+* full and tied: the rows are grouped by missing pattern (``np.unique`` of the mask rows); per
+  pattern, ``Sigma_oo = L L^T`` is factored once per component (once in all when tied) and a
+  single batched triangular solve ``L [Z | W] = [(x_o - mu_o)^T | Sigma_om]`` serves the rows
+  of the pattern: ``maha = |Z|^2``, the conditional mean ``mu_m + W^T Z`` and the conditional
+  covariance ``Sigma_mm - W^T W`` (no inverse is formed). ``C_k`` does not depend on the row, so
+  it enters ``s2`` once per pattern, weighted by the pattern's ``sum_i r_ik``.
+* diagonal and spherical types: the features are independent given ``k``, so ``xhat_m = mu_m``
+  and ``C`` is the diagonal of the missing variances; the whole batch is done at once with the
+  observed mask, without grouping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from dmix.families.covariance import Full
+from dmix.kernels import reference
+from dmix.xp import to_host
+
+__all__ = ["estep_missing", "log_density_missing", "predict_proba_missing"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _shift(params) -> np.ndarray:
+    # The same expression as dmix.families.gaussian._shift (bit for bit), repeated here so this
+    # module does not import gaussian (which calls into this one).
+    return np.sum(params["weights"][:, None] * params["means"], axis=0)
+
+
+def _variance_rows(family, params) -> np.ndarray:
+    """Per-component variances (K, D) of a diagonal or spherical structure."""
+    means = params["means"]
+    k, d = means.shape
+    var = np.asarray(params["covariances"], dtype=np.float64)
+    if family.covariance_type == "spherical":
+        var = var[:, None]
+    return np.ascontiguousarray(np.broadcast_to(var, (k, d)))
+
+
+def _zero_stats(k: int, d: int, n_quadratic: int) -> dict:
+    return {"nk": np.zeros(k), "s1": np.zeros((k, d)), "s2": np.zeros((k, n_quadratic))}
+
+
+def _prepare(x):
+    """Host float64 rows, the missing mask, and the rows with an infinite entry.
+
+    Infinite entries are replaced by 0 in the working copy (those rows are set aside later) so
+    that they cannot turn the sums of other rows into ``nan``.
+    """
+    x = np.array(to_host(x), dtype=np.float64)  # a copy: written below
+    if x.ndim != 2:
+        raise ValueError(f"Expected 2-D rows; got an array of shape {x.shape}.")
+    missing = np.isnan(x)
+    infinite = np.isinf(x)
+    has_inf = infinite.any(axis=1)
+    x[missing | infinite] = 0.0
+    return x, missing, has_inf
+
+
+def _normalize(wlp, has_inf):
+    """Responsibilities (n, K), log-normaliser (n,) and the rows to drop (non-finite)."""
+    resp = np.empty_like(wlp)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        log_norm = reference.normalize_log(wlp, resp, np, axis=1)
+    bad = has_inf | ~np.isfinite(log_norm)
+    return resp, log_norm, bad
+
+
+def _diagonal(family, params, x, missing, has_inf, want_stats: bool):
+    """Diagonal and spherical structures, whole batch at once (no grouping by pattern)."""
+    means = params["means"]
+    k, d = means.shape
+    var = _variance_rows(family, params)
+    obs = ~missing
+    obs_f = obs.astype(np.float64)
+    # log p(x_o | k) = -1/2 sum_{a in o} [log(2 pi var_ka) + (x_a - mu_ka)^2 / var_ka]
+    diff = x[:, None, :] - means[None, :, :]
+    diff *= obs_f[:, None, :]
+    maha = np.einsum("nkd,nkd,kd->nk", diff, diff, 1.0 / var, optimize=True)
+    del diff
+    logp = -0.5 * (obs_f @ (np.log(var) + _LOG_2PI).T + maha)
+    wlp = logp + np.log(params["weights"])
+    resp, log_norm, bad = _normalize(wlp, has_inf)
+    if not want_stats:
+        return resp, log_norm, bad, None
+    resp[bad] = 0.0
+    shift = _shift(params)
+    means_c = means - shift
+    y_obs = (x - shift) * obs_f  # x_o - c on the observed entries, 0 on the missing ones
+    miss_w = resp.T @ missing.astype(np.float64)  # (K, D): sum_i r_ik [a missing in row i]
+    # xhat_ka = x_a (observed) or mu_ka (missing); C_k = diag(var_ka, a missing).
+    s1 = resp.T @ y_obs + miss_w * means_c
+    q = resp.T @ (y_obs * y_obs) + miss_w * (means_c * means_c + var)
+    if family.covariance_type in ("spherical", "tied_spherical"):
+        q = np.sum(q, axis=1, keepdims=True)  # Q(x) = |x|^2, P(C) = trace C
+    return resp, log_norm, bad, {"nk": np.sum(resp, axis=0), "s1": s1, "s2": q}
+
+
+def _full(family, params, x, missing, has_inf, want_stats: bool):
+    """Full and tied structures, one Cholesky factor per missing pattern (and component)."""
+    cov = family.covariance
+    means = params["means"]
+    k, d = means.shape
+    n = x.shape[0]
+    tied = cov.tied
+    sigma = cov.dense(params["covariances"], k, d)  # (K, D, D)
+    log_w = np.log(params["weights"])
+    shift = _shift(params)
+    resp = np.empty((n, k))
+    log_norm = np.empty(n)
+    bad = np.zeros(n, dtype=bool)
+    nk = np.zeros(k)
+    s1 = np.zeros((k, d))
+    s2 = np.zeros((k, d, d))
+    if n == 0:
+        patterns, inverse = np.zeros((0, d), dtype=bool), np.zeros(0, dtype=np.intp)
+    else:
+        patterns, inverse = np.unique(missing, axis=0, return_inverse=True)
+        inverse = np.reshape(inverse, -1)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(len(patterns) + 1))
+    for p, mis in enumerate(patterns):
+        rows = order[starts[p] : starts[p + 1]]
+        o, m = np.flatnonzero(~mis), np.flatnonzero(mis)
+        n_p, d_o = len(rows), len(o)
+        xo = x[np.ix_(rows, o)]  # (n_p, d_o)
+        diff = xo[None, :, :] - means[:, None, o]  # (K, n_p, d_o): x_o - mu_ko
+        if d_o == 0:  # nothing observed: p(x_o | k) = 1, xhat = mu, C = Sigma
+            logp = np.zeros((n_p, k))
+            z = np.zeros((k, 0, n_p))
+            w_om = np.zeros((k, 0, len(m)))
+        else:
+            sig_oo = sigma[np.ix_(range(k), o, o)]
+            sig_om = sigma[np.ix_(range(k), o, m)]
+            if tied:  # one factor; the K components' rows are columns of one right-hand side
+                chol = np.linalg.cholesky(sig_oo[0])
+                rhs = np.concatenate([diff.transpose(2, 0, 1).reshape(d_o, k * n_p), sig_om[0]],
+                                     axis=1)
+                sol = solve_triangular(chol, rhs, lower=True, check_finite=False)
+                z = sol[:, : k * n_p].reshape(d_o, k, n_p).transpose(1, 0, 2)
+                w_om = np.broadcast_to(sol[:, k * n_p :], (k, d_o, len(m)))
+                log_det = np.broadcast_to(2.0 * np.sum(np.log(np.diagonal(chol))), (k,))
+            else:
+                chol = np.linalg.cholesky(sig_oo)  # Sigma_oo = L L^T per component
+                rhs = np.concatenate([diff.transpose(0, 2, 1), sig_om], axis=2)
+                # L [Z | W] = [(x_o - mu_o)^T | Sigma_om]
+                sol = solve_triangular(chol, rhs, lower=True, check_finite=False)
+                z, w_om = sol[:, :, :n_p], sol[:, :, n_p:]
+                log_det = 2.0 * np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
+            # log N(x_o; mu_o, Sigma_oo) = -1/2 (d_o log 2 pi + log det Sigma_oo + |Z|^2)
+            maha = np.einsum("kon,kon->nk", z, z)
+            logp = -0.5 * (d_o * _LOG_2PI + log_det[None, :] + maha)
+        r, ln, b = _normalize(logp + log_w, has_inf[rows])
+        resp[rows], log_norm[rows], bad[rows] = r, ln, b
+        if not want_stats:
+            continue
+        r[b] = 0.0
+        # y = xhat - c: x_o - c_o observed; mu_m + Sigma_mo Sigma_oo^{-1} (x_o - mu_o) - c_m
+        #   = (mu_m - c_m) + W^T Z missing.
+        y = np.empty((k, n_p, d))
+        y[:, :, o] = (xo - shift[o])[None]
+        y[:, :, m] = (means[:, None, m] - shift[m]) + np.matmul(z.transpose(0, 2, 1), w_om)
+        rt = np.ascontiguousarray(r.T)  # (K, n_p)
+        nk_p = np.sum(rt, axis=1)
+        nk += nk_p
+        s1 += np.matmul(rt[:, None, :], y)[:, 0]
+        s2 += np.matmul((y * rt[:, :, None]).transpose(0, 2, 1), y)  # sum_i r_ik y y^T
+        if len(m):  # + sum_i r_ik C_k, C_mm = Sigma_mm - W^T W
+            c_mm = sigma[np.ix_(range(k), m, m)] - np.matmul(w_om.transpose(0, 2, 1), w_om)
+            s2[np.ix_(range(k), m, m)] += nk_p[:, None, None] * c_mm
+    if not want_stats:
+        return resp, log_norm, bad, None
+    iu, ju = np.triu_indices(d)  # P(S): the upper triangle in quadratic_features order
+    return resp, log_norm, bad, {"nk": nk, "s1": s1, "s2": s2[:, iu, ju]}
+
+
+def _evaluate(family, params, x, want_stats: bool):
+    x, missing, has_inf = _prepare(x)
+    d = params["means"].shape[1]
+    if x.shape[1] != d:
+        raise ValueError(f"Rows have {x.shape[1]} features; the model has {d}.")
+    impl = _full if isinstance(family.covariance, Full) else _diagonal
+    resp, log_norm, bad, stats = impl(family, params, x, missing, has_inf, want_stats)
+    # Rows with an infinite entry were evaluated with 0 in its place; report them as nan.
+    log_norm[has_inf] = np.nan
+    resp[has_inf] = np.nan
+    return resp, log_norm, bad, stats
+
+
+def estep_missing(family, params, x, xp=np) -> dict:
+    """E-step statistics of rows with missing (NaN) entries, marginalising the missing features.
+
+    Parameters
+    ----------
+    family : Gaussian
+        The family (its covariance structure decides the computation).
+    params : dict
+        Parameters as from ``family.make_params``.
+    x : array of shape (n, D)
+        Rows, some entries NaN; complete rows are allowed. NumPy or CuPy; computed in float64.
+    xp : module, default numpy
+        Namespace of ``x`` (the statistics are NumPy float64 arrays either way).
+
+    Returns
+    -------
+    dict
+        ``n``, ``loglik`` (observed-data log-likelihood), ``n_nonfinite``, ``nk`` (K,), ``s1``
+        (K, D) and ``s2`` (K, m) about ``c = sum_k w_k mu_k``: the keys, shapes and meaning of
+        ``family.estep``, with the expected statistics of the module docstring. Equal to
+        ``family.estep`` on rows without NaN.
+    """
+    _, log_norm, bad, stats = _evaluate(family, params, x, want_stats=True)
+    return {
+        "n": float(log_norm.shape[0]),
+        "loglik": float(np.sum(np.where(bad, 0.0, log_norm))),
+        "n_nonfinite": float(np.count_nonzero(bad)),
+        **stats,
+    }
+
+
+def log_density_missing(family, params, x, xp=np):
+    """Observed-data log-density ``log sum_k w_k N(x_o; mu_ko, Sigma_k,oo)`` per row.
+
+    Parameters
+    ----------
+    family, params, x, xp
+        As for :func:`estep_missing`.
+
+    Returns
+    -------
+    array of shape (n,)
+        In namespace ``xp``; 0 for a row with every feature missing, ``nan`` for a row with an
+        infinite entry (non-finite, for the caller to report).
+    """
+    _, log_norm, _, _ = _evaluate(family, params, x, want_stats=False)
+    return xp.asarray(log_norm)
+
+
+def predict_proba_missing(family, params, x, xp=np):
+    """Posterior component probabilities given the observed features of each row.
+
+    Parameters
+    ----------
+    family, params, x, xp
+        As for :func:`estep_missing`.
+
+    Returns
+    -------
+    array of shape (n, K)
+        In namespace ``xp``; the normalised weights for a row with every feature missing,
+        ``nan`` for a row with an infinite entry.
+    """
+    resp, _, _, _ = _evaluate(family, params, x, want_stats=False)
+    return xp.ascontiguousarray(xp.asarray(resp))
