@@ -49,6 +49,7 @@ import math
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from dmix.families.base import tree_add
 from dmix.families.covariance import Full
 from dmix.kernels import reference
 from dmix.xp import to_host
@@ -133,6 +134,29 @@ def _diagonal(family, params, x, missing, has_inf, want_stats: bool):
     return resp, log_norm, bad, {"nk": np.sum(resp, axis=0), "s1": s1, "s2": q}
 
 
+def _group_by_pattern(missing):
+    """The distinct rows of the mask (P, D) and, for each, the indices of the rows that have it.
+
+    The mask rows are packed into bits and, up to 64 features, into one integer key each, so
+    the grouping is one integer sort.
+    """
+    n = missing.shape[0]
+    if n == 0:
+        return missing[:0], []
+    packed = np.packbits(missing, axis=1)  # (n, ceil(D / 8)) bytes
+    if packed.shape[1] <= 8:
+        key = np.zeros((n, 8), dtype=np.uint8)
+        key[:, : packed.shape[1]] = packed
+        _, first, inverse = np.unique(key.view(np.uint64)[:, 0], return_index=True,
+                                      return_inverse=True)
+    else:
+        _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    inverse = np.reshape(inverse, -1)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(first)))])
+    return missing[first], [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _full(family, params, x, missing, has_inf, want_stats: bool):
     """Full and tied structures, one Cholesky factor per missing pattern (and component)."""
     cov = family.covariance
@@ -149,15 +173,7 @@ def _full(family, params, x, missing, has_inf, want_stats: bool):
     nk = np.zeros(k)
     s1 = np.zeros((k, d))
     s2 = np.zeros((k, d, d))
-    if n == 0:
-        patterns, inverse = np.zeros((0, d), dtype=bool), np.zeros(0, dtype=np.intp)
-    else:
-        patterns, inverse = np.unique(missing, axis=0, return_inverse=True)
-        inverse = np.reshape(inverse, -1)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.searchsorted(inverse[order], np.arange(len(patterns) + 1))
-    for p, mis in enumerate(patterns):
-        rows = order[starts[p] : starts[p + 1]]
+    for mis, rows in zip(*_group_by_pattern(missing), strict=True):
         o, m = np.flatnonzero(~mis), np.flatnonzero(mis)
         n_p, d_o = len(rows), len(o)
         xo = x[np.ix_(rows, o)]  # (n_p, d_o)
@@ -167,8 +183,8 @@ def _full(family, params, x, missing, has_inf, want_stats: bool):
             z = np.zeros((k, 0, n_p))
             w_om = np.zeros((k, 0, len(m)))
         else:
-            sig_oo = sigma[np.ix_(range(k), o, o)]
-            sig_om = sigma[np.ix_(range(k), o, m)]
+            sig_o = sigma[:, o]
+            sig_oo, sig_om = sig_o[:, :, o], sig_o[:, :, m]
             if tied:  # one factor; the K components' rows are columns of one right-hand side
                 chol = np.linalg.cholesky(sig_oo[0])
                 rhs = np.concatenate([diff.transpose(2, 0, 1).reshape(d_o, k * n_p), sig_om[0]],
@@ -180,8 +196,9 @@ def _full(family, params, x, missing, has_inf, want_stats: bool):
             else:
                 chol = np.linalg.cholesky(sig_oo)  # Sigma_oo = L L^T per component
                 rhs = np.concatenate([diff.transpose(0, 2, 1), sig_om], axis=2)
-                # L [Z | W] = [(x_o - mu_o)^T | Sigma_om]
-                sol = solve_triangular(chol, rhs, lower=True, check_finite=False)
+                # L [Z | W] = [(x_o - mu_o)^T | Sigma_om], batched over components in one call
+                # (np.linalg.solve: scipy's solve_triangular loops over the batch in Python)
+                sol = np.linalg.solve(chol, rhs)
                 z, w_om = sol[:, :, :n_p], sol[:, :, n_p:]
                 log_det = 2.0 * np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
             # log N(x_o; mu_o, Sigma_oo) = -1/2 (d_o log 2 pi + log det Sigma_oo + |Z|^2)
@@ -211,17 +228,51 @@ def _full(family, params, x, missing, has_inf, want_stats: bool):
     return resp, log_norm, bad, {"nk": nk, "s1": s1, "s2": s2[:, iu, ju]}
 
 
-def _evaluate(family, params, x, want_stats: bool):
-    x, missing, has_inf = _prepare(x)
-    d = params["means"].shape[1]
-    if x.shape[1] != d:
-        raise ValueError(f"Rows have {x.shape[1]} features; the model has {d}.")
+def _evaluate(family, params, x, want: str):
+    """``want`` = "stats" (the statistics), "log_density" (n,) or "proba" (n, K), on the host.
+
+    Rows without NaN go through the family's own method (bit for bit what ``Gaussian.estep``
+    gives them, and its fast expanded form); the others through the marginal computation.
+    """
+    x = np.asarray(to_host(x), dtype=np.float64)
+    k, d = params["means"].shape
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"Expected rows of {d} features; got an array of shape {x.shape}.")
+    incomplete = np.isnan(x).any(axis=1)
+    full_rows = x[~incomplete]
+    part, missing, has_inf = _prepare(x[incomplete])
     impl = _full if isinstance(family.covariance, Full) else _diagonal
-    resp, log_norm, bad, stats = impl(family, params, x, missing, has_inf, want_stats)
-    # Rows with an infinite entry were evaluated with 0 in its place; report them as nan.
-    log_norm[has_inf] = np.nan
-    resp[has_inf] = np.nan
-    return resp, log_norm, bad, stats
+    if want == "stats":
+        m_q = family.covariance.n_quadratic(d)
+        total = {"n": float(x.shape[0]), "loglik": 0.0, "n_nonfinite": 0.0,
+                 **_zero_stats(k, d, m_q)}
+        if len(full_rows):
+            complete = family.estep(params, full_rows, np)
+            total = tree_add(total, {**complete, "n": 0.0})
+        if len(part):
+            _, log_norm, bad, stats = impl(family, params, part, missing, has_inf, True)
+            total = tree_add(total, {
+                "n": 0.0,
+                "loglik": float(np.sum(np.where(bad, 0.0, log_norm))),
+                "n_nonfinite": float(np.count_nonzero(bad)),
+                **stats,
+            })
+        return total
+    if want == "log_density":
+        out = np.empty(x.shape[0])
+        method = family.log_density
+    else:
+        out = np.empty((x.shape[0], k))
+        method = family.predict_proba
+    if len(full_rows):
+        out[~incomplete] = to_host(method(params, full_rows, np))
+    if len(part):
+        resp, log_norm, _, _ = impl(family, params, part, missing, has_inf, False)
+        # Rows with an infinite entry were evaluated with 0 in its place; report them as nan.
+        resp[has_inf] = np.nan
+        log_norm[has_inf] = np.nan
+        out[incomplete] = log_norm if want == "log_density" else resp
+    return out
 
 
 def estep_missing(family, params, x, xp=np) -> dict:
@@ -246,13 +297,7 @@ def estep_missing(family, params, x, xp=np) -> dict:
         ``family.estep``, with the expected statistics of the module docstring. Equal to
         ``family.estep`` on rows without NaN.
     """
-    _, log_norm, bad, stats = _evaluate(family, params, x, want_stats=True)
-    return {
-        "n": float(log_norm.shape[0]),
-        "loglik": float(np.sum(np.where(bad, 0.0, log_norm))),
-        "n_nonfinite": float(np.count_nonzero(bad)),
-        **stats,
-    }
+    return _evaluate(family, params, x, "stats")
 
 
 def log_density_missing(family, params, x, xp=np):
@@ -269,8 +314,7 @@ def log_density_missing(family, params, x, xp=np):
         In namespace ``xp``; 0 for a row with every feature missing, ``nan`` for a row with an
         infinite entry (non-finite, for the caller to report).
     """
-    _, log_norm, _, _ = _evaluate(family, params, x, want_stats=False)
-    return xp.asarray(log_norm)
+    return xp.asarray(_evaluate(family, params, x, "log_density"))
 
 
 def predict_proba_missing(family, params, x, xp=np):
@@ -287,5 +331,4 @@ def predict_proba_missing(family, params, x, xp=np):
         In namespace ``xp``; the normalised weights for a row with every feature missing,
         ``nan`` for a row with an infinite entry.
     """
-    resp, _, _, _ = _evaluate(family, params, x, want_stats=False)
-    return xp.ascontiguousarray(xp.asarray(resp))
+    return xp.ascontiguousarray(xp.asarray(_evaluate(family, params, x, "proba")))
