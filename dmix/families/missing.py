@@ -31,12 +31,20 @@ A row with a ``+-inf`` entry is counted in ``n_nonfinite`` and contributes nothi
 
 Computation (float64, on the host; CuPy input is copied over):
 
-* full and tied: the rows are grouped by missing pattern (``np.unique`` of the mask rows); per
-  pattern, ``Sigma_oo = L L^T`` is factored once per component (once in all when tied) and a
-  single batched triangular solve ``L [Z | W] = [(x_o - mu_o)^T | Sigma_om]`` serves the rows
-  of the pattern: ``maha = |Z|^2``, the conditional mean ``mu_m + W^T Z`` and the conditional
-  covariance ``Sigma_mm - W^T W`` (no inverse is formed). ``C_k`` does not depend on the row, so
-  it enters ``s2`` once per pattern, weighted by the pattern's ``sum_i r_ik``.
+* rows without NaN go through the family's own ``estep`` / ``log_density`` /
+  ``predict_proba`` (its fast expanded form, and bit for bit what they get without this
+  module). The caller must therefore dispatch here only for rows that have a NaN, or at least
+  not come back here from those methods for NaN-free rows.
+* full and tied: the incomplete rows are grouped by missing pattern (the mask rows packed into
+  integer keys, one ``np.unique``). Per pattern, ``Sigma_oo = L L^T`` is factored once per
+  component (once in all when tied) and one batched solve
+  ``L [Z | W] = [(x_o - mu_o)^T | Sigma_om]`` serves all rows of the pattern:
+  ``maha = |Z|^2``, the conditional mean ``mu_m + W^T Z`` and the conditional covariance
+  ``Sigma_mm - W^T W`` (no inverse is formed). ``C_k`` does not depend on the row, so it enters
+  ``s2`` once per pattern, weighted by the pattern's ``sum_i r_ik``. Rows of rare patterns
+  (fewer than :data:`SMALL_PATTERN_ROWS` rows: with many features and scattered NaN, nearly
+  every row has its own) are done together instead, with the padded matrices of
+  :func:`_padded`, so the Python work does not grow with the number of patterns.
 * diagonal and spherical types: the features are independent given ``k``, so ``xhat_m = mu_m``
   and ``C`` is the diagonal of the missing variances; the whole batch is done at once with the
   observed mask, without grouping.
@@ -57,6 +65,13 @@ from dmix.xp import to_host
 __all__ = ["estep_missing", "log_density_missing", "predict_proba_missing"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+#: Patterns with fewer rows than this go through the padded, row-batched path (one factor per
+#: row); the others are factored once per pattern. Per-pattern Python work costs about as much
+#: as a few rows of the padded path.
+SMALL_PATTERN_ROWS = 4
+#: Elements of the (rows, K, D, D + 1) arrays of one chunk of the padded path (16 MB each).
+_PADDED_ELEMENTS = 2**21
 
 
 def _shift(params) -> np.ndarray:
@@ -157,6 +172,60 @@ def _group_by_pattern(missing):
     return missing[first], [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def _padded(x, missing, has_inf, sigma, means, log_w, shift, tied: bool, want_stats: bool):
+    """Full and tied structures for rows of any patterns at once, with padded matrices.
+
+    With ``O = diag(observed)``, ``Sigma~ = O Sigma O + (I - O)`` is ``Sigma_oo`` on the observed
+    block and the identity on the missing one, so ``Sigma~ = L L^T`` (one factor per row and
+    component, per row when tied) and ``L [z | W] = [O (x - mu) | O Sigma (I - O)]`` give
+    ``|z|^2 = (x_o - mu_o)^T Sigma_oo^{-1} (x_o - mu_o)``, ``log det Sigma~ = log det Sigma_oo``,
+    ``W^T z`` = the conditional-mean correction on the missing coordinates (0 elsewhere) and
+    ``W^T W = Sigma_mo Sigma_oo^{-1} Sigma_om`` on the missing block. Returns ``resp``,
+    ``log_norm``, ``bad`` and ``(nk, s1, S2)`` with ``S2`` unpacked (K, D, D), or None.
+    """
+    n, d = x.shape
+    k = means.shape[0]
+    obs = (~missing).astype(np.float64)
+    mis = 1.0 - obs
+    diag = np.arange(d)
+    dtil = obs[:, None, :] * (x[:, None, :] - means[None])  # (n, K, D): O (x - mu_k)
+    sig = sigma[:1] if tied else sigma
+    padded = obs[:, None, :, None] * sig[None] * obs[:, None, None, :]
+    padded[..., diag, diag] += mis[:, None, :]
+    cross = obs[:, None, :, None] * sig[None] * mis[:, None, None, :]  # O Sigma (I - O)
+    chol = np.linalg.cholesky(padded)  # (n, K or 1, D, D)
+    if tied:  # one factor per row; the K components are columns of its right-hand side
+        rhs = np.concatenate([dtil.transpose(0, 2, 1)[:, None], cross], axis=3)
+        sol = np.linalg.solve(chol, rhs)[:, 0]  # (n, D, K + D)
+        z = sol[:, :, :k].transpose(0, 2, 1)  # (n, K, D)
+        w = sol[:, None, :, k:]  # (n, 1, D, D)
+    else:
+        sol = np.linalg.solve(chol, np.concatenate([dtil[..., None], cross], axis=3))
+        z, w = sol[..., 0], sol[..., 1:]  # (n, K, D), (n, K, D, D)
+    log_det = 2.0 * np.sum(np.log(np.diagonal(chol, axis1=2, axis2=3)), axis=2)
+    maha = np.einsum("nkd,nkd->nk", z, z)
+    logp = -0.5 * (np.sum(obs, axis=1)[:, None] * _LOG_2PI + log_det + maha)
+    r, ln, b = _normalize(logp + log_w, has_inf)
+    if not want_stats:
+        return r, ln, b, None
+    r[b] = 0.0
+    # y = xhat - c = O (x - c) + (I - O) (mu_k - c) + W^T z
+    y = (obs * (x - shift))[:, None, :] + mis[:, None, :] * (means - shift)[None]
+    y += np.einsum("nkd,nkde->nke", z, np.broadcast_to(w, (n, k, d, d)))
+    # C = (I - O) Sigma (I - O) - W^T W
+    cond = mis[:, None, :, None] * sig[None] * mis[:, None, None, :]
+    cond -= np.matmul(w.transpose(0, 1, 3, 2), w)
+    rt = np.ascontiguousarray(r.T)  # (K, n)
+    yt = y.transpose(1, 0, 2)  # (K, n, D)
+    s2 = np.matmul((yt * rt[:, :, None]).transpose(0, 2, 1), yt)
+    if tied:
+        s2 += np.matmul(rt, cond[:, 0].reshape(n, d * d)).reshape(k, d, d)
+    else:
+        s2 += np.matmul(rt[:, None, :], cond.transpose(1, 0, 2, 3).reshape(k, n, d * d)
+                        ).reshape(k, d, d)
+    return r, ln, b, (np.sum(rt, axis=1), np.matmul(rt[:, None, :], yt)[:, 0], s2)
+
+
 def _full(family, params, x, missing, has_inf, want_stats: bool):
     """Full and tied structures, one Cholesky factor per missing pattern (and component)."""
     cov = family.covariance
@@ -173,7 +242,23 @@ def _full(family, params, x, missing, has_inf, want_stats: bool):
     nk = np.zeros(k)
     s1 = np.zeros((k, d))
     s2 = np.zeros((k, d, d))
-    for mis, rows in zip(*_group_by_pattern(missing), strict=True):
+    patterns, groups = _group_by_pattern(missing)
+    small = [rows for rows in groups if len(rows) < SMALL_PATTERN_ROWS]
+    if small:  # rows of rare patterns: batched over rows, no per-pattern Python work
+        small = np.sort(np.concatenate(small))
+        step = max(1, _PADDED_ELEMENTS // (k * d * (d + 1)))
+        for start in range(0, len(small), step):
+            rows = small[start : start + step]
+            r, ln, b, part = _padded(x[rows], missing[rows], has_inf[rows], sigma, means,
+                                     log_w, shift, tied, want_stats)
+            resp[rows], log_norm[rows], bad[rows] = r, ln, b
+            if want_stats:
+                nk += part[0]
+                s1 += part[1]
+                s2 += part[2]
+    for mis, rows in zip(patterns, groups, strict=True):
+        if len(rows) < SMALL_PATTERN_ROWS:
+            continue
         o, m = np.flatnonzero(~mis), np.flatnonzero(mis)
         n_p, d_o = len(rows), len(o)
         xo = x[np.ix_(rows, o)]  # (n_p, d_o)

@@ -6,7 +6,8 @@
 * Without NaN, the three functions equal ``Gaussian.estep`` / ``log_density`` /
   ``predict_proba``.
 * The statistics equal a direct row-by-row reference written here (conditional mean and
-  covariance from ``numpy.linalg.inv``), including all-NaN and complete rows.
+  covariance from ``numpy.linalg.inv``), including all-NaN and complete rows, through each of
+  the full/tied computations (patterns factored once, rows padded, and the mix of both).
 * The statistics add over any split of the rows and do not depend on their order.
 * EM (``estep_missing`` then ``Gaussian.mstep``) never decreases the observed-data
   log-likelihood.
@@ -23,6 +24,7 @@ import pytest
 import scipy.stats
 from scipy.special import logsumexp
 
+from dmix.families import missing as missing_module
 from dmix.families.base import tree_add
 from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
@@ -30,8 +32,18 @@ from dmix.families.missing import estep_missing, log_density_missing, predict_pr
 from dmix.testing import assert_rel, stats_max_rel_error, structured_covariances
 
 TYPES = list(COVARIANCE_TYPES)
+#: Values of SMALL_PATTERN_ROWS: the library's (rare patterns padded, the others grouped), every
+#: pattern factored once (grouped), every row padded. The diagonal types have one path.
+PATHS = {"default": missing_module.SMALL_PATTERN_ROWS, "grouped": 0, "padded": 10**9}
 # (n_samples, n_features, n_components, offset of the data from the origin)
 SHAPES = [(150, 4, 3, 0.0), (60, 1, 2, 0.0), (100, 3, 2, 1e4)]
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    """Run the test through each of the full/tied computations."""
+    monkeypatch.setattr(missing_module, "SMALL_PATTERN_ROWS", PATHS[request.param])
+    return request.param
 
 
 def random_dense(k, d, rng):
@@ -136,7 +148,7 @@ def assert_stats(actual, expected, tol):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("covariance_type", TYPES)
-def test_log_density_matches_scipy(covariance_type, shape):
+def test_log_density_matches_scipy(covariance_type, shape, path):
     family, params, _, xm = case(covariance_type, shape)
     sigma = dense_of(family, params)
     k = len(params["weights"])
@@ -176,7 +188,7 @@ def test_complete_rows_equal_family_estep(covariance_type, shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("covariance_type", TYPES)
-def test_stats_match_reference(covariance_type, shape):
+def test_stats_match_reference(covariance_type, shape, path):
     family, params, _, xm = case(covariance_type, shape)
     assert_stats(estep_missing(family, params, xm), reference_stats(family, params, xm), 1e-10)
 
@@ -185,7 +197,7 @@ def test_stats_match_reference(covariance_type, shape):
 
 
 @pytest.mark.parametrize("covariance_type", TYPES)
-def test_stats_add_over_pieces_and_ignore_order(covariance_type):
+def test_stats_add_over_pieces_and_ignore_order(covariance_type, path):
     family, params, _, xm = case(covariance_type, SHAPES[0], seed=1)
     whole = estep_missing(family, params, xm)
     for cuts in ([1, 2, 3], [40, 41, 97], [17, 60, 61, 62, 149], list(range(10, 150, 10))):
@@ -283,7 +295,7 @@ def test_recovery_beats_imputation_and_dropping(covariance_type):
 
 
 @pytest.mark.parametrize("covariance_type", TYPES)
-def test_all_nan_rows(covariance_type):
+def test_all_nan_rows(covariance_type, path):
     family, params, _, xm = case(covariance_type, SHAPES[0])
     k, d = params["means"].shape
     empty = np.full((5, d), np.nan)
@@ -308,8 +320,8 @@ def test_all_nan_rows(covariance_type):
     assert_rel(dense_of(family, again), sigma, 1e-10, "covariances")
 
 
-@pytest.mark.parametrize("covariance_type", ["full", "diag"])
-def test_infinite_entries_are_counted_and_dropped(covariance_type):
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag"])
+def test_infinite_entries_are_counted_and_dropped(covariance_type, path):
     family, params, _, xm = case(covariance_type, SHAPES[0])
     bad = xm.copy()
     bad[5, 1] = np.inf
