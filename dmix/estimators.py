@@ -129,6 +129,11 @@ default='full'
         A component that empties or whose covariance is singular is re-seeded at the rows the
         model explains worst (with a :class:`~dmix.errors.CollapseWarning`; counted in
         ``n_reseeded_``), or stops the fit with an error naming it.
+    missing : {'raise', 'marginalize'}, default='raise'
+        Rows with missing values (NaN): an error naming them, or the exact EM for incomplete
+        data, missing at random (:mod:`dmix.families.missing`: the missing features are
+        marginalised; initialisation imputes column means). Not with ``cem``, ``annealing``
+        or ``sample_weight``.
 
     Attributes
     ----------
@@ -186,6 +191,7 @@ default='full'
         annealing_iter=None,
         stopping_criterion="tol",
         on_collapse="reseed",
+        missing="raise",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -222,6 +228,7 @@ default='full'
         self.annealing_iter = annealing_iter
         self.stopping_criterion = stopping_criterion
         self.on_collapse = on_collapse
+        self.missing = missing
 
     # -- validation -------------------------------------------------------------------------
 
@@ -257,6 +264,7 @@ default='full'
             )
         check_number(name, "var_regularization", self.var_regularization, "float", 0)
         for option, choices in (("on_collapse", ("reseed", "raise")),
+                                ("missing", ("raise", "marginalize")),
                                 ("cem", (False, True)), ("annealing", (False, True))):
             if getattr(self, option) not in choices:
                 raise InvalidParameterError(
@@ -276,6 +284,10 @@ default='full'
                 raise InvalidParameterError(
                     f"{name}: annealing=True has no effect with cem=True (hard assignments do "
                     "not depend on the temperature); choose one.")
+        if self.missing == "marginalize" and (self.cem or self.annealing):
+            raise InvalidParameterError(
+                f"{name}: missing='marginalize' works with plain EM and MAP estimation, not "
+                "with cem or annealing.")
         get_criterion(self.stopping_criterion)  # raises on an unknown criterion
 
     def _check_user_init(self, family: Gaussian, n_features: int):
@@ -361,7 +373,8 @@ default='full'
                         var_regularization=float(self.var_regularization),
                         prior=getattr(self, "prior_", None), cem=bool(self.cem),
                         annealing_start=float(self.annealing_start) if self.annealing else 1.0,
-                        annealing_iter=int(annealing_iter), on_collapse=self.on_collapse)
+                        annealing_iter=int(annealing_iter), on_collapse=self.on_collapse,
+                        missing=self.missing)
 
     def _prior_options(self) -> dict:
         return {k: getattr(self, k) for k in (
@@ -433,6 +446,10 @@ default='full'
         n_features = source.shape[1]
         array = source.array
         if sample_weight is not None:
+            if self.missing == "marginalize":
+                raise InvalidParameterError(
+                    f"{type(self).__name__}: sample_weight with missing='marginalize' is not "
+                    "supported; drop the weights or the rows with missing values.")
             array = with_weights(source, sample_weight, client=client)
         check_visible_to_workers(X, client)
         compute = self._compute
@@ -440,6 +457,9 @@ default='full'
         data = place_data(array, client, in_memory=source.in_memory, persist=self.persist)
         passes = dict(source=source.description, split_every=self.split_every, client=client)
         init_data = data if sample_weight is None else data[:, :n_features]
+        if self.missing == "marginalize":
+            init_data = _init.impute_missing(init_data, split_every=self.split_every,
+                                             client=client)
         self.prior_ = self._resolve_prior(data, n_features, passes)
         family = self._family
         user = self._check_user_init(family, n_features)

@@ -93,7 +93,9 @@ def test_fit_on_a_scheduler_then_info(data_path, scheduler, capsys, tmp_path):
     assert f"{N} rows x {D} features, float64, 5 block(s) of up to 4000 rows" in out
 
     family, params, attrs = load_model(model)
-    assert family == {"name": "gaussian", "covariance_type": "full", "reg_covar": 1e-6}
+    assert {k: family[k] for k in ("name", "covariance_type", "reg_covar", "prior", "cem")} == {
+        "name": "gaussian", "covariance_type": "full", "reg_covar": 1e-6, "prior": None,
+        "cem": False}
     iterations = ITERATION_LINE.findall(out)
     assert len(iterations) == attrs["n_iter_"] == len(attrs["lower_bounds_"]) >= 2
     assert [int(i[0]) for i in iterations] == list(range(1, attrs["n_iter_"] + 1))
@@ -101,7 +103,7 @@ def test_fit_on_a_scheduler_then_info(data_path, scheduler, capsys, tmp_path):
                                atol=1e-6)
     assert iterations[0][2] == "inf"
     assert attrs["converged_"] is True and attrs["n_features_in_"] == D
-    assert attrs["fit_options"]["random_state"] == 0 and attrs["data"]["shape"] == [N, D]
+    assert attrs["settings"]["random_state"] == 0 and attrs["data"]["shape"] == [N, D]
     assert f"Lower bound (mean log-likelihood per row): {attrs['lower_bound_']:.6f}" in out
     assert f"Saved the model to {model}" in out
 

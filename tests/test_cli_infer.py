@@ -9,11 +9,10 @@ import zarr
 from dmix import GaussianMixture
 from dmix.cli import main
 from dmix.cli.infer import _row_seed, load_estimator
-from dmix.cli.train import _model_contents
 from dmix.datasets import make_blobs, mixture_rows
 from dmix.families.covariance import get_covariance
-from dmix.io.source import as_source
-from dmix.io.store import save_model, write_blocks
+from dmix.io.model import save_model
+from dmix.io.store import write_blocks
 
 N, D, K, SEED, STORED = 3000, 3, 3, 7, 500
 
@@ -27,7 +26,7 @@ def run(capsys, *argv):
 
 def _save(est, x, path):
     """Save ``est`` as ``dmix fit --output`` does."""
-    save_model(path, *_model_contents(est, as_source(x), "in-memory"))
+    save_model(est, path)
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ ALL_PARAMS = sorted(["n_components", "covariance_type", "tol", "reg_covar", "max
                      "checkpoint_every", "checkpoint_keep", "weight_concentration_prior",
                      "mean_prior", "mean_precision_prior", "covariance_prior",
                      "degrees_of_freedom_prior", "var_regularization", "cem", "annealing",
-                     "annealing_start", "annealing_iter", "stopping_criterion", "on_collapse"])
+                     "annealing_start", "annealing_iter", "stopping_criterion", "on_collapse", "missing"])
 
 
 def test_get_params_defaults_like_sklearn():

@@ -34,7 +34,6 @@ partial output.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import numpy as np
@@ -53,7 +52,6 @@ from dmix.cli._common import (
 from dmix.datasets import mixture_rows
 from dmix.errors import DataError
 from dmix.estimators import GaussianMixture
-from dmix.families.gaussian import Gaussian
 from dmix.io.output import (
     OUTPUT_ATTR,
     check_output_target,
@@ -62,7 +60,6 @@ from dmix.io.output import (
     write_generated,
 )
 from dmix.io.source import DEFAULT_BLOCK_BYTES, as_source
-from dmix.io.store import load_model
 from dmix.rng import seed_sequence_int
 
 __all__ = ["add_commands", "load_estimator"]
@@ -92,7 +89,7 @@ def load_estimator(path, *, storage_options: dict | None = None, **overrides) ->
     Returns
     -------
     GaussianMixture
-        With the constructor parameters of the fit (``fit_options``) and the fitted
+        With the constructor parameters of the fit and the fitted
         attributes set as ``fit`` sets them: ``weights_``, ``means_``, ``covariances_``,
         ``precisions_cholesky_``, ``precisions_``, ``converged_``, ``n_iter_``,
         ``lower_bound_``, ``lower_bounds_``, ``n_features_in_``.
@@ -105,68 +102,10 @@ def load_estimator(path, *, storage_options: dict | None = None, **overrides) ->
     InvalidParameterError
         If an override is not a constructor parameter.
     """
-    path = os.fspath(path)
-    spec, params, attrs = load_model(path, storage_options=storage_options)
-    name = spec.get("name")
-    if name != Gaussian.name:
-        raise DataError(
-            f"The model at {path!r} is a {name!r} mixture; only {Gaussian.name!r} models can "
-            "be loaded as a GaussianMixture.")
-    try:
-        family = Gaussian(covariance_type=spec.get("covariance_type", "full"),
-                          reg_covar=float(spec.get("reg_covar", 1e-6)))
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"The model at {path!r} has an invalid family {spec!r}: {exc}") from None
-    missing = sorted({"weights", "means", "covariances"} - params.keys())
-    if missing:
-        raise DataError(f"The model at {path!r} has no parameter(s) {missing}.")
-    weights = np.asarray(params["weights"], dtype=np.float64)
-    means = np.asarray(params["means"], dtype=np.float64)
-    covariances = np.asarray(params["covariances"], dtype=np.float64)
-    if means.ndim != 2 or weights.shape != means.shape[:1]:
-        raise DataError(
-            f"The model at {path!r} is inconsistent: weights of shape {weights.shape} and "
-            f"means of shape {means.shape}; expected (K,) and (K, D).")
-    k, d = means.shape
-    cov = family.covariance
-    if covariances.shape != cov.shape(k, d):
-        raise DataError(
-            f"The model at {path!r} is inconsistent: {cov.name} covariances of shape "
-            f"{covariances.shape}; expected {cov.shape(k, d)} for K = {k}, D = {d}.")
-    prec_chol = params.get("precisions_cholesky")
-    if prec_chol is None:
-        prec_chol = cov.precision_cholesky(covariances)
-    prec_chol = np.asarray(prec_chol, dtype=np.float64)
-    if prec_chol.shape != covariances.shape:
-        raise DataError(
-            f"The model at {path!r} is inconsistent: precisions_cholesky of shape "
-            f"{prec_chol.shape}; expected {covariances.shape}.")
-    saved_d = attrs.get("n_features_in_")
-    if saved_d is not None and saved_d != d:
-        raise DataError(
-            f"The model at {path!r} is inconsistent: n_features_in_ = {saved_d} but the means "
-            f"have {d} features.")
+    from dmix.io.model import load_model
 
-    est = GaussianMixture()
-    valid = est.get_params()
-    options = {key: value for key, value in (attrs.get("fit_options") or {}).items()
-               if key in valid}
-    options.update(n_components=k, covariance_type=family.covariance_type,
-                   reg_covar=family.reg_covar)
-    est.set_params(**options)
+    est = load_model(path, storage_options=storage_options)
     est.set_params(**overrides)
-    est._set_params(family, {"weights": weights, "means": means, "covariances": covariances,
-                             "precisions_cholesky": prec_chol})
-    lower_bounds = [float(v) for v in attrs.get("lower_bounds_") or []]
-    lower = attrs.get("lower_bound_")
-    est.converged_ = bool(attrs.get("converged_", False))
-    est.n_iter_ = int(attrs.get("n_iter_") or len(lower_bounds))
-    est.lower_bound_ = float(lower) if lower is not None else (
-        lower_bounds[-1] if lower_bounds else -np.inf)
-    est.lower_bounds_ = lower_bounds
-    est.n_features_in_ = d
-    if attrs.get("fit_seconds_") is not None:
-        est.fit_seconds_ = float(attrs["fit_seconds_"])
     return est
 
 

@@ -33,12 +33,12 @@ from dmix.estimators import resume as dmix_resume
 from dmix.families.base import family_spec
 from dmix.families.gaussian import Gaussian
 from dmix.io.checkpoint import CheckpointDir
+from dmix.io.model import save_model
 from dmix.io.source import as_source
 from dmix.io.store import (
     check_model_target,
     create_group,
     load_model,
-    save_model,
     write_blocks,
     write_params,
 )
@@ -129,33 +129,6 @@ def _fit(fit, n_init: int, init_params: str):
     return est
 
 
-def _model_contents(est, source, data: str) -> tuple[dict, dict, dict]:
-    """Family spec, params and attributes of a fitted estimator, for ``save_model``."""
-    family = Gaussian(covariance_type=est.covariance_type, reg_covar=float(est.reg_covar))
-    params = {
-        "weights": est.weights_,
-        "means": est.means_,
-        "covariances": est.covariances_,
-        "precisions_cholesky": est.precisions_cholesky_,
-    }
-    options = {k: est.get_params()[k] for k in (
-        "n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init",
-        "init_params", "random_state", "chunk_size", "split_every")}
-    attrs = {
-        "estimator": type(est).__name__,
-        "fit_options": options,
-        "data": {"source": data, "description": source.description,
-                 "shape": list(source.shape), "dtype": np.dtype(source.dtype).name},
-        "lower_bound_": est.lower_bound_,
-        "lower_bounds_": est.lower_bounds_,
-        "n_iter_": est.n_iter_,
-        "converged_": est.converged_,
-        "n_features_in_": est.n_features_in_,
-        "fit_seconds_": getattr(est, "fit_seconds_", None),
-    }
-    return family_spec(family), params, attrs
-
-
 def _print_result(est) -> None:
     state = "yes" if est.converged_ else "no"
     _say(f"Converged: {state} (n_iter = {est.n_iter_})")
@@ -173,8 +146,9 @@ def _finish(est, source, data: str, args) -> None:
     """Print the result of a fit and save the model if ``--output`` asks for it."""
     _print_result(est)
     if args.output:
-        family, params, attrs = _model_contents(est, source, data)
-        save_model(args.output, family, params, attrs, overwrite=args.overwrite)
+        save_model(est, args.output, overwrite=args.overwrite, data={
+            "source": data, "description": source.description, "shape": list(source.shape),
+            "dtype": np.dtype(source.dtype).name})
         _say(f"Saved the model to {args.output}")
 
 
@@ -230,13 +204,16 @@ def _cmd_resume(args) -> int:
 
 def _cmd_info(args) -> int:
     family, params, attrs = load_model(args.model)
+    defaults = family_spec(Gaussian())
     weights = np.asarray(params.get("weights", []))
     means = np.asarray(params.get("means", np.empty((0, 0))))
     k = weights.shape[0]
     d = means.shape[1] if means.ndim == 2 else attrs.get("n_features_in_")
     lines = [
         ("family", family.get("name")),
-        *((key.replace("_", " "), value) for key, value in family.items() if key != "name"),
+        # the hyperparameters that differ from the defaults (always the covariance type)
+        *((key.replace("_", " "), value) for key, value in family.items()
+          if key == "covariance_type" or (key != "name" and value != defaults.get(key))),
         ("n_components", k),
         ("n_features", d),
         ("n_iter", attrs.get("n_iter_")),

@@ -151,6 +151,28 @@ def data_moments(data, *, n_features: int | None = None, split_every=None, clien
     return moments["n"], moments["mean"], moments["m2"] / moments["n"]
 
 
+def _nanmean_block(x, start, index):
+    x = np.asarray(x, dtype=np.float64)
+    seen = ~np.isnan(x)
+    return {"count": seen.sum(axis=0).astype(np.float64), "sum": np.where(seen, x, 0.0).sum(0)}
+
+
+def _fill_missing(x, means):
+    return np.where(np.isnan(x), means.astype(x.dtype), x)
+
+
+def impute_missing(data, *, split_every=None, client=None):
+    """``data`` with every missing value (NaN) replaced by its column's mean (lazy; one pass
+    for the means). Initialisation runs on it when missing values are marginalised."""
+    total = map_reduce(data, _nanmean_block, combine=tree_add, split_every=split_every,
+                       label="nanmean", client=client)
+    empty = np.flatnonzero(total["count"] == 0)
+    if empty.size:
+        raise DataError(f"Feature {int(empty[0])} of the data has no observed value: remove it.")
+    means = total["sum"] / total["count"]
+    return data.map_blocks(_fill_missing, means, dtype=data.dtype)
+
+
 # -- distances to a set of centres --------------------------------------------------------
 
 

@@ -35,6 +35,8 @@ Variants of the E-step, each a field of the family (sections 1.5, 1.6):
 * ``inverse_temperature`` ``nu < 1``: deterministic annealing. Responsibilities are
   ``softmax_k(nu l_ik)``; ``loglik`` stays the untempered log-likelihood. The schedule of ``nu``
   is :meth:`Gaussian.for_iteration`.
+* ``missing="marginalize"``: batches with NaN entries go through
+  :mod:`dmix.families.missing` (the exact E-step of incomplete-data EM; plain EM and MAP only).
 * ``weighted``: the last column of a block holds the rows' weights ``w_i >= 0``; statistics are
   ``sum_i w_i ...`` and ``n`` is ``sum_i w_i``.
 
@@ -131,6 +133,8 @@ class Gaussian:
         The annealing schedule of :meth:`for_iteration` (``annealing_iter = 0``: no annealing).
     on_collapse : {'reseed', 'raise'}
         What the M-step does with a collapsed component (see the module docstring).
+    missing : {'raise', 'marginalize'}
+        Rows with NaN entries: an error (the engine names them), or marginalised.
     weighted : bool
         Blocks carry the rows' weights as their last column.
     """
@@ -146,6 +150,7 @@ class Gaussian:
     annealing_start: float = 1.0
     annealing_iter: int = 0
     on_collapse: str = "reseed"
+    missing: str = "raise"
     weighted: bool = False
 
     def __post_init__(self):
@@ -165,6 +170,12 @@ class Gaussian:
         if self.on_collapse not in ("reseed", "raise"):
             raise ValueError(
                 f"on_collapse must be 'reseed' or 'raise'. Got {self.on_collapse!r} instead.")
+        if self.missing not in ("raise", "marginalize"):
+            raise ValueError(
+                f"missing must be 'raise' or 'marginalize'. Got {self.missing!r} instead.")
+        if self.missing == "marginalize" and (self.cem or self.annealing_iter or self.weighted):
+            raise ValueError("missing='marginalize' works with plain EM and MAP estimation; "
+                             "not with cem, annealing or sample weights.")
         if self.cem and (self.annealing_iter or self.inverse_temperature < 1):
             raise ValueError("Annealing has no effect on classification EM (cem=True): the "
                              "hard assignments do not depend on the temperature.")
@@ -279,7 +290,15 @@ class Gaussian:
         weights = None
         if self.weighted:
             x, weights = x[:, :-1], x[:, -1]
+        if self._marginalize(x, xp):
+            from dmix.families.missing import estep_missing
+
+            return estep_missing(self, params, x, xp)
         return self._estep(params, x, xp, ws, weights)
+
+    def _marginalize(self, x, xp) -> bool:
+        """Whether this batch goes through :mod:`dmix.families.missing`."""
+        return self.missing == "marginalize" and bool(xp.isnan(x).any())
 
     def _estep(self, params: Params, x, xp, ws: Workspace, weights=None) -> Stats:
         d = x.shape[1]
@@ -319,11 +338,19 @@ class Gaussian:
         return 8 * (1 + n_features + self.covariance.n_quadratic(n_features) + 2 * n_components)
 
     def log_density(self, params: Params, x, xp, workspace: Workspace | None = None):
+        if self._marginalize(x, xp):
+            from dmix.families.missing import log_density_missing
+
+            return log_density_missing(self, params, x, xp)
         with quiet_nonfinite(xp):  # the caller reports non-finite rows
             _, wlp = self._weighted_log_prob(params, x, xp, workspace or Workspace())
             return normalize_log(wlp, wlp, xp, axis=0)
 
     def predict_proba(self, params: Params, x, xp, workspace: Workspace | None = None):
+        if self._marginalize(x, xp):
+            from dmix.families.missing import predict_proba_missing
+
+            return predict_proba_missing(self, params, x, xp)
         with quiet_nonfinite(xp):  # the caller reports non-finite rows
             _, wlp = self._weighted_log_prob(params, x, xp, workspace or Workspace())
             normalize_log(wlp, wlp, xp, axis=0)
@@ -430,9 +457,11 @@ class Gaussian:
 
     def row_scores(self, params: Params, x, xp, workspace: Workspace | None = None):
         """How well the model explains each row (its log-density), for re-seeding collapsed
-        components at the lowest; rows of zero weight score ``+inf`` (never chosen)."""
+        components at the lowest; rows of zero weight or with missing values score ``+inf``
+        (never chosen)."""
         if not self.weighted:
-            return self.log_density(params, x, xp, workspace)
+            scores = self.log_density(params, x, xp, workspace)
+            return xp.where(xp.isnan(x).any(axis=1), xp.inf, scores)
         scores = self.log_density(params, x[:, :-1], xp, workspace)
         return xp.where(x[:, -1] > 0, scores, xp.inf)
 

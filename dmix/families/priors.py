@@ -60,6 +60,16 @@ class GaussianPrior:
     covariance: np.ndarray | None = None
     degrees_of_freedom: float | None = None
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> GaussianPrior:
+        """The prior of a family spec (``dmix.families.base.family_spec``: lists for arrays)."""
+        def value(v, scalar=False):
+            return None if v is None else float(v) if scalar else np.asarray(v, np.float64)
+
+        return cls(value(spec.get("weight_concentration")), value(spec.get("mean")),
+                   value(spec.get("mean_precision"), True), value(spec.get("covariance")),
+                   value(spec.get("degrees_of_freedom"), True))
+
     def _key(self) -> tuple:
         return tuple(None if v is None else (np.shape(v), np.asarray(v, np.float64).tobytes())
                      for v in (self.weight_concentration, self.mean, self.mean_precision,

@@ -95,6 +95,15 @@ def _split_settings(estimator) -> tuple[dict, dict]:
                 "differ). Pass an int seed to save a reproducible model.",
                 UserWarning, stacklevel=4)  # the caller of save_model
             value = None
+        elif name == "stopping_criterion" and not isinstance(value, str | dict):
+            from dmix.engine.stopping import criterion_spec, get_criterion
+
+            spec = criterion_spec(get_criterion(value))
+            if spec is None:
+                raise InvalidParameterError(
+                    f"Cannot save the {name!r} parameter: {value!r} is a function; set it to a "
+                    "name, a dict or a built-in of dmix.engine.stopping before saving.")
+            value = spec
         elif callable(value):
             raise InvalidParameterError(
                 f"Cannot save the {name!r} parameter: it is a callable ({value!r}), which "
@@ -103,7 +112,7 @@ def _split_settings(estimator) -> tuple[dict, dict]:
     return settings, arrays
 
 
-def _contents(estimator) -> tuple[dict, dict]:
+def _contents(estimator, data: dict | None = None) -> tuple[dict, dict]:
     """The arrays (by path in the group) and the attributes of a fitted estimator."""
     from dmix.families.base import family_spec
 
@@ -126,7 +135,11 @@ def _contents(estimator) -> tuple[dict, dict]:
         "lower_bound_": _float(estimator.lower_bound_),
         "lower_bounds_": [_float(v) for v in lower],
         "n_features_in_": int(estimator.n_features_in_),
+        "n_reseeded_": int(getattr(estimator, "n_reseeded_", 0)),
+        "fit_seconds_": getattr(estimator, "fit_seconds_", None),
     }
+    if data is not None:
+        fitted["data"] = data
     from dmix import __version__
 
     attrs = {
@@ -182,7 +195,7 @@ def _is_model_group(path: str, storage_options: dict | None) -> bool:
 
 
 def save_model(estimator, path, *, overwrite: bool = False,
-               storage_options: dict | None = None) -> None:
+               storage_options: dict | None = None, data: dict | None = None) -> None:
     """Save a fitted estimator as a Zarr group that :func:`load_model` reads back.
 
     Parameters
@@ -195,6 +208,9 @@ def save_model(estimator, path, *, overwrite: bool = False,
         Replace a dmix model already at ``path``. Anything else there is never replaced.
     storage_options : dict, optional
         Passed to fsspec for URLs.
+    data : dict, optional
+        A JSON-compatible description of the data of the fit, kept in the attribute
+        ``data`` (``dmix fit`` records the source, shape and dtype; ``dmix info`` shows them).
 
     Raises
     ------
@@ -213,7 +229,7 @@ def save_model(estimator, path, *, overwrite: bool = False,
     import fsspec
 
     url = os.fspath(path)
-    arrays, attrs = _contents(estimator)
+    arrays, attrs = _contents(estimator, data)
     check_target(url, overwrite, storage_options, "a dmix model",
                  replaceable=lambda kind: _is_model_group(url, storage_options))
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -308,8 +324,8 @@ def load_model(path, *, storage_options: dict | None = None):
     schema = attrs.get("schema")
     if schema != MODEL_SCHEMA:
         raise DataError(
-            f"No dmix model found at {where!r}: its 'schema' attribute is {schema!r}, not "
-            f"{MODEL_SCHEMA!r}.")
+            f"No dmix model found at {where!r}: it is a Zarr group whose 'schema' attribute "
+            f"is {schema!r}, not {MODEL_SCHEMA!r}.")
     if attrs.get("complete") is not True or "checksums" not in attrs:
         raise DataError(
             f"The model at {where!r} is incomplete: it was being written when the save "
@@ -335,6 +351,11 @@ def load_model(path, *, storage_options: dict | None = None):
             f"The model at {where!r} has settings {unknown} that {name} of this version of "
             f"dmix (from {attrs.get('dmix_version')!r}) does not take.")
     estimator = cls(**settings)
+    prior = (attrs.get("family") or {}).get("prior")
+    if prior is not None:  # resolved by the fit (defaults from the data): kept as fitted
+        from dmix.families.priors import GaussianPrior
+
+        estimator.prior_ = GaussianPrior.from_spec(prior)
 
     from dmix.families.base import family_spec
 
@@ -357,6 +378,9 @@ def load_model(path, *, storage_options: dict | None = None):
     estimator.lower_bound_ = _scalar(attrs["lower_bound_"])
     estimator.lower_bounds_ = [_scalar(v) for v in attrs["lower_bounds_"]]
     estimator.n_features_in_ = int(attrs["n_features_in_"])
+    estimator.n_reseeded_ = int(attrs.get("n_reseeded_", 0))
+    if attrs.get("fit_seconds_") is not None:
+        estimator.fit_seconds_ = float(attrs["fit_seconds_"])
     if estimator.n_features_in_ != d:
         raise DataError(
             f"The model at {where!r} is inconsistent: n_features_in_ = "

@@ -9,14 +9,8 @@ read-modify-write it and can lose each other's data without any error
 (zarr-developers/zarr-python#3682), so a misaligned block is refused before anything is
 written.
 
-A model is a Zarr group::
-
-    MODEL_DIR/
-      params/          one array per parameter (weights, means, covariances, ...)
-      attrs            schema "dmix-model/1", family spec, dmix version, and what ``fit``
-                       recorded (options, lower_bounds_, n_iter_, converged_, ...)
-
-The ``schema`` attribute is written last, so an interrupted save is not taken for a model.
+Fitted models are written and checked by :mod:`dmix.io.model`; this module keeps the schema
+name, the target check and a raw reader.
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ __all__ = [
     "create_group",
     "load_model",
     "read_params",
-    "save_model",
     "write_blocks",
     "write_params",
 ]
@@ -431,7 +424,8 @@ def _is_model(path: str, storage_options: dict | None) -> bool:
 
 def check_model_target(path, overwrite: bool = False,
                        storage_options: dict | None = None) -> None:
-    """Check that :func:`save_model` may write to ``path``, before spending time on a fit.
+    """Check that :func:`dmix.io.model.save_model` may write to ``path``, before spending time
+    on a fit.
 
     Raises
     ------
@@ -443,59 +437,9 @@ def check_model_target(path, overwrite: bool = False,
                  replaceable=lambda kind: _is_model(path, storage_options))
 
 
-def save_model(
-    path,
-    family_spec: Mapping,
-    params: Mapping,
-    attrs: Mapping | None = None,
-    *,
-    overwrite: bool = False,
-    storage_options: dict | None = None,
-) -> zarr.Group:
-    """Save a fitted model as a Zarr group.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Local path or fsspec URL of the model group.
-    family_spec : mapping
-        JSON-serialisable description of the family (``dmix.families.base.family_spec``),
-        e.g. ``{"name": "gaussian", "covariance_type": "full", "reg_covar": 1e-6}``.
-    params : mapping of str to array-like
-        The fitted parameters, stored as arrays in the subgroup ``params``.
-    attrs : mapping, optional
-        JSON-serialisable attributes (NumPy scalars and arrays are converted): fit options,
-        ``lower_bounds_``, ``n_iter_``, ``converged_``, ``n_features_in_``...
-    overwrite : bool, default=False
-        Replace an existing model at ``path``. Anything else there is never replaced.
-    storage_options : dict, optional
-        Passed to fsspec for URLs.
-
-    Returns
-    -------
-    zarr.Group
-    """
-    path = os.fspath(path)
-    attrs = dict(attrs or {})
-    reserved = {"schema", "family", "dmix_version"} & attrs.keys()
-    if reserved:
-        raise InvalidParameterError(
-            f"attrs may not set {sorted(reserved)}; save_model writes those itself."
-        )
-    meta = _jsonable(attrs, "attrs")
-    family = _jsonable(dict(family_spec), "family_spec")
-    from dmix import __version__
-
-    check_model_target(path, overwrite, storage_options)
-    group = zarr.open_group(store=path, mode="w", storage_options=storage_options)
-    write_params(group, _PARAMS, params)
-    group.attrs.update({"family": family, "dmix_version": __version__, **meta})
-    group.attrs["schema"] = MODEL_SCHEMA  # last: marks the model complete
-    return group
-
-
 def load_model(path, *, storage_options: dict | None = None) -> tuple[dict, dict, dict]:
-    """Load a model written by :func:`save_model`.
+    """The raw contents of a model written by :func:`dmix.io.model.save_model` (which checks
+    them; this reader is for ``dmix info``).
 
     Parameters
     ----------

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
+import dmix
 from dmix.errors import DataError, InvalidParameterError
+from dmix.io.model import save_model
 from dmix.io.output import (
     check_output_target,
     output_group,
@@ -18,7 +20,6 @@ from dmix.io.output import (
     write_generated,
     write_rows,
 )
-from dmix.io.store import save_model
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +184,7 @@ def test_output_group_checks_the_target_and_removes_a_failed_output(tmp_path):
     data = tmp_path / "data.zarr"
     write_rows(da.from_array(values(10, 2), chunks=(5, 2)), data, "X")
     model = tmp_path / "model"
-    save_model(model, {"name": "gaussian"}, {"weights": np.ones(1)})
+    save_model(dmix.GaussianMixture(1).fit(values(10, 2)), model)
 
     for inside in (data, f"{data}/X"):
         with pytest.raises(DataError, match="it is, or contains, the input"):
