@@ -195,13 +195,13 @@ def _radius_sq(n_features: int, u: np.ndarray, lo: float, hi: float) -> np.ndarr
     xa, xb = 0.5 * lo, 0.5 * hi  # P and Q take x = r^2 / 2
     pa, qa = float(gammainc(s, xa)), float(gammaincc(s, xa))
     pb, qb = float(gammainc(s, xb)), float(gammaincc(s, xb))
-    if pb < _LOG_SPACE_BELOW:  # far lower tail: target P = Pa + U (Pb - Pa), in logs
+    if pb <= 0.5 and pb < _LOG_SPACE_BELOW:  # far lower tail: target P = Pa + U (Pb - Pa), in logs
         lpa = _log_p(s, np.array([xa]))[0][0] if xa > 0 else -np.inf
         lpb = _log_p(s, np.array([xb]))[0][0]
         # log(Pb - (1 - U)(Pb - Pa)) = log Pb + log1p(-(1 - U) (1 - Pa / Pb))
         target = lpb + np.log1p(-(1.0 - u) * -np.expm1(lpa - lpb))
         return 2.0 * _invert_lower(s, target, xa, xb)
-    if qa < _LOG_SPACE_BELOW:  # far upper tail: target Q = Qa - U (Qa - Qb), in logs
+    if qa <= 0.5 and qa < _LOG_SPACE_BELOW:  # far upper tail: target Q = Qa - U (Qa - Qb), in logs
         lqa = _log_q(s, np.array([xa]))[0][0]
         lqb = _log_q(s, np.array([xb]))[0][0] if np.isfinite(xb) else -np.inf
         target = lqa + np.log1p(-u * -np.expm1(lqb - lqa))
