@@ -513,21 +513,15 @@ class Gaussian:
         t = self._row_statistics(asarray_f64(x, xp), xp.asarray(shift), xp, Workspace())
         return {"n": float(x.shape[0]), **self._moments(t, xp.asarray(resp).T, x.shape[1])}
 
-    def sample(self, params: Params, n_samples: int, rng: np.random.Generator):
-        """Draw ``n_samples`` rows: component counts from a multinomial, then Gaussian noise.
+    def sample(self, params: Params, n_samples: int, rng: np.random.Generator, *, component=None,
+               confidence=None, std_range=None):
+        """Draw ``(X, labels)``: components from the weights, then Gaussian rows.
 
-        Returns ``(X, labels)`` with rows grouped by component, as scikit-learn does.
+        Rows are grouped by component, as scikit-learn does. ``component``, ``confidence`` and
+        ``std_range`` select components and restrict each row to its component's confidence
+        region or Mahalanobis band, exactly; see :func:`dmix.families.sampling.sample_mixture`.
         """
-        means = params["means"]
-        k, d = means.shape
-        counts = rng.multinomial(n_samples, params["weights"] / np.sum(params["weights"]))
-        chol = np.linalg.cholesky(self.covariance.dense(params["covariances"], k, d))
-        x = np.empty((n_samples, d))
-        labels = np.repeat(np.arange(k), counts)
-        start = 0
-        for j, c in enumerate(counts):  # K draws; each is one vectorised block
-            z = rng.standard_normal((c, d))
-            x[start : start + c] = means[j] + z @ chol[j].T
-            start += c
-        return x, labels
+        from dmix.families.sampling import sample_mixture
 
+        return sample_mixture(self.covariance, params, n_samples, rng, component=component,
+                              confidence=confidence, std_range=std_range)
