@@ -18,6 +18,7 @@ from dmix.errors import (
 from dmix.estimators import GaussianMixture, resume
 from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
+from dmix.io.model import load_model as load
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,6 @@ __all__ = [
     "InvalidParameterError",
     "NotFittedError",
     "__version__",
+    "load",
     "resume",
 ]

@@ -11,7 +11,7 @@ import numpy as np
 from dmix.engine.loop import Monitor
 from dmix.errors import InvalidParameterError
 
-__all__ = ["ParamsMixin", "VerboseMonitor", "check_number"]
+__all__ = ["ParamsMixin", "UserInitMixin", "VerboseMonitor", "check_number"]
 
 
 class ParamsMixin:
@@ -90,3 +90,51 @@ def check_number(owner, name, value, kind, low, closed_low=True):
             f"The {name!r} parameter of {owner} must be {kind_name} in the range "
             f"{bracket}{low}, inf). Got {value!r} instead."
         )
+
+
+class UserInitMixin:
+    """Validation of ``weights_init``, ``means_init`` and ``precisions_init``."""
+
+    def _check_user_init(self, family, n_features: int):
+        """Validate ``weights_init``, ``means_init`` and ``precisions_init`` (scikit-learn's checks)."""
+        k = self.n_components
+        out = {}
+        if self.weights_init is not None:
+            w = np.asarray(self.weights_init, dtype=np.float64)
+            if w.shape != (k,):
+                raise InvalidParameterError(
+                    f"The parameter 'weights' should have the shape of ({k},), but got "
+                    f"{w.shape}.")
+            if np.any(w < 0) or np.any(w > 1):
+                raise InvalidParameterError(
+                    "The parameter 'weights' should be in the range [0, 1], but got "
+                    f"max value {w.max():.5f}, min value {w.min():.5f}")
+            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
+                raise InvalidParameterError(
+                    f"The parameter 'weights' should be normalized, but got sum(weights) = "
+                    f"{w.sum():.5f}")
+            out["weights"] = w
+        if self.means_init is not None:
+            m = np.asarray(self.means_init, dtype=np.float64)
+            if m.shape != (k, n_features):
+                raise InvalidParameterError(
+                    f"The parameter 'means' should have the shape of {(k, n_features)}, but "
+                    f"got {m.shape}.")
+            out["means"] = m
+        if self.precisions_init is not None:
+            cov = family.covariance
+            p = np.asarray(self.precisions_init, dtype=np.float64)
+            shape = cov.shape(k, n_features)
+            if p.shape != shape:
+                raise InvalidParameterError(
+                    f"The parameter '{cov.name} precision' should have the shape of {shape}, "
+                    f"but got {p.shape}.")
+            dense = cov.dense(p, k, n_features)
+            if not np.allclose(dense, np.swapaxes(dense, 1, 2)) or np.any(
+                np.linalg.eigvalsh(dense) <= 0
+            ):
+                raise InvalidParameterError(
+                    f"'{cov.name} precision' should be symmetric, positive-definite")
+            out["precisions"] = p
+        return out
+

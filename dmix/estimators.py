@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import time
 from dataclasses import replace
 
 import numpy as np
 
-from dmix._estimator_base import ParamsMixin, VerboseMonitor, check_number
+from dmix._checkpointing import CheckpointMixin, resume
+from dmix._estimator_base import ParamsMixin, UserInitMixin, VerboseMonitor, check_number
 from dmix.engine import init as _init
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
 from dmix.engine.reduce import (
@@ -27,12 +27,10 @@ from dmix.engine.reduce import (
     resolve_client,
     worker_slots,
 )
-from dmix.engine.stopping import criterion_spec, get_criterion
-from dmix.errors import DataError, DmixError, InvalidParameterError, NotFittedError
-from dmix.families.base import family_spec
+from dmix.engine.stopping import get_criterion
+from dmix.errors import DataError, InvalidParameterError, NotFittedError
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
-from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint, digest
 from dmix.io.source import as_source, check_visible_to_workers, with_weights
 from dmix.rng import seed_sequence_int
 from dmix.xp import Compute
@@ -42,7 +40,7 @@ __all__ = ["GaussianMixture", "resume"]
 _INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 
 
-class GaussianMixture(ParamsMixin):
+class GaussianMixture(CheckpointMixin, UserInitMixin, ParamsMixin):
     """Gaussian mixture fitted by EM, streamed over row blocks.
 
     Parameters
@@ -290,49 +288,6 @@ default='full'
                 "with cem or annealing.")
         get_criterion(self.stopping_criterion)  # raises on an unknown criterion
 
-    def _check_user_init(self, family: Gaussian, n_features: int):
-        """Validate ``weights_init``, ``means_init`` and ``precisions_init`` (scikit-learn's checks)."""
-        k = self.n_components
-        out = {}
-        if self.weights_init is not None:
-            w = np.asarray(self.weights_init, dtype=np.float64)
-            if w.shape != (k,):
-                raise InvalidParameterError(
-                    f"The parameter 'weights' should have the shape of ({k},), but got "
-                    f"{w.shape}.")
-            if np.any(w < 0) or np.any(w > 1):
-                raise InvalidParameterError(
-                    "The parameter 'weights' should be in the range [0, 1], but got "
-                    f"max value {w.max():.5f}, min value {w.min():.5f}")
-            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
-                raise InvalidParameterError(
-                    f"The parameter 'weights' should be normalized, but got sum(weights) = "
-                    f"{w.sum():.5f}")
-            out["weights"] = w
-        if self.means_init is not None:
-            m = np.asarray(self.means_init, dtype=np.float64)
-            if m.shape != (k, n_features):
-                raise InvalidParameterError(
-                    f"The parameter 'means' should have the shape of {(k, n_features)}, but "
-                    f"got {m.shape}.")
-            out["means"] = m
-        if self.precisions_init is not None:
-            cov = family.covariance
-            p = np.asarray(self.precisions_init, dtype=np.float64)
-            shape = cov.shape(k, n_features)
-            if p.shape != shape:
-                raise InvalidParameterError(
-                    f"The parameter '{cov.name} precision' should have the shape of {shape}, "
-                    f"but got {p.shape}.")
-            dense = cov.dense(p, k, n_features)
-            if not np.allclose(dense, np.swapaxes(dense, 1, 2)) or np.any(
-                np.linalg.eigvalsh(dense) <= 0
-            ):
-                raise InvalidParameterError(
-                    f"'{cov.name} precision' should be symmetric, positive-definite")
-            out["precisions"] = p
-        return out
-
     def _check_is_fitted(self):
         if not hasattr(self, "means_"):
             raise NotFittedError(
@@ -514,70 +469,6 @@ default='full'
             self.checkpoints_ = list(ckpt.saved)
         return self
 
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def _checkpoint_dir(self, checkpoint) -> CheckpointDir | None:
-        if checkpoint is None:
-            return None
-        name = type(self).__name__
-        check_number(name, "checkpoint_every", self.checkpoint_every, "int", 1)
-        check_number(name, "checkpoint_keep", self.checkpoint_keep, "int", 1)
-        if not isinstance(checkpoint, str | os.PathLike):
-            raise InvalidParameterError(
-                f"The 'checkpoint' parameter of {name} must be a path or URL (str). Got "
-                f"{checkpoint!r} instead.")
-        ckpt = CheckpointDir(checkpoint, every=self.checkpoint_every,
-                             keep=self.checkpoint_keep)
-        ckpt.check_writable()
-        return ckpt
-
-    def _open_checkpoint(self, ckpt, resume, X, source, data, family, user, seed, n_init,
-                         client):
-        """Describe this fit to ``ckpt`` and load what it holds; returns (loaded, seed)."""
-        if not resume and not ckpt.is_empty():
-            raise DmixError(
-                f"The checkpoint directory {ckpt.url!r} holds checkpoints of an earlier fit. "
-                "Pass resume=True (dmix fit --resume, or dmix resume DIR) to continue it, or "
-                "choose an empty directory.")
-        loaded = ckpt.load() if resume else None
-        if loaded is not None and self.random_state is None:
-            seed = int(loaded.attrs["seed"])  # an unseeded fit continues with its own seed
-        location = os.fspath(X) if isinstance(X, str | os.PathLike) else None
-        if location is not None and "://" not in location:
-            location = os.path.abspath(location)  # resume may run from another directory
-        fingerprint = data_fingerprint(data, source.description, location, client)
-        must_match = {
-            "estimator": type(self).__name__,
-            "n_components": self.n_components,
-            "n_init": n_init,
-            "init_params": self.init_params,
-            "seed": str(seed),
-            "user_init": {k: digest(v) for k, v in sorted(user.items())},
-        }
-        spec = family_spec(family)
-        if loaded is not None:
-            check_compatible(loaded.attrs, family=spec, options=must_match,
-                             fingerprint=fingerprint, where=ckpt.url)
-        ckpt.discard_after(None if loaded is None else loaded.name)
-        settings = {k: v for k, v in self.get_params().items()
-                    if k not in ("client", "weights_init", "means_init", "precisions_init")}
-        if not isinstance(settings["random_state"], numbers.Integral):
-            settings["random_state"] = None
-        if settings["checkpoint"] is not None:
-            settings["checkpoint"] = os.fspath(settings["checkpoint"])
-        criterion = get_criterion(self.stopping_criterion)
-        settings["stopping_criterion"] = criterion_spec(criterion)
-        if settings["stopping_criterion"] is None:
-            raise InvalidParameterError(
-                f"{type(self).__name__}: a checkpointed fit needs a stopping_criterion that "
-                "can be saved with it (a name, a dict, or a built-in of "
-                "dmix.engine.stopping); a function cannot be saved.")
-        ckpt.meta = {"estimator": type(self).__name__, "family": spec, "options": must_match,
-                     "settings": settings, "data": fingerprint, "seed": str(seed),
-                     "dmix_version": _version(), "versions": _versions()}
-        ckpt.user_init = {f"{k}_init": v for k, v in user.items()}
-        return loaded, seed
-
     def _set_params(self, family: Gaussian, params):
         cov = family.covariance
         self.weights_ = params["weights"]
@@ -655,8 +546,27 @@ default='full'
         n = as_source(X).shape[0]
         return -2 * self.score(X) * n + 2 * self._n_parameters()
 
-    def sample(self, n_samples=1):
-        """Draw ``(X, labels)`` from the fitted model, rows grouped by component."""
+    def sample(self, n_samples=1, *, component=None, confidence=None, std_range=None):
+        """Draw ``(X, labels)`` from the fitted model, rows grouped by component.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+        component : int or sequence of int, optional
+            Draw from this component only (or from these, in proportion to their weights).
+        confidence : float in (0, 1), optional
+            Draw each row from its component restricted to the region holding this much of its
+            mass: squared Mahalanobis radius at most the chi-square quantile (exact, by the
+            inverse CDF of the radius; model-math.md section 6.2).
+        std_range : (float, float), optional
+            Draw each row with its Mahalanobis radius in ``[a, b]`` (``b`` may be inf), exactly,
+            also far in the tails.
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        labels : ndarray of shape (n_samples,)
+        """
         self._check_is_fitted()
         if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or (
             n_samples < 1
@@ -665,88 +575,33 @@ default='full'
                 f"Invalid value for 'n_samples': {n_samples!r}. The sampling requires at least "
                 "one sample.")
         rng = np.random.default_rng(seed_sequence_int(self.random_state))
-        return self._family.sample(self._params, int(n_samples), rng)
+        return self._family.sample(self._params, int(n_samples), rng, component=component,
+                                   confidence=confidence, std_range=std_range)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path, *, overwrite=False, storage_options=None):
+        """Save the fitted model as a Zarr group (see :func:`dmix.io.model.save_model`);
+        :func:`dmix.load` reads it back."""
+        from dmix.io.model import save_model
+
+        save_model(self, path, overwrite=overwrite, storage_options=storage_options)
+
+    def to_sklearn(self):
+        """The equivalent fitted ``sklearn.mixture.GaussianMixture`` (see :mod:`dmix.convert`)."""
+        from dmix.convert import to_sklearn
+
+        return to_sklearn(self)
+
+    @classmethod
+    def from_sklearn(cls, estimator, **params):
+        """A fitted dmix model from a fitted ``sklearn.mixture.GaussianMixture``; ``params``
+        set dmix's own options (see :func:`dmix.convert.from_sklearn`)."""
+        from dmix.convert import from_sklearn
+
+        return from_sklearn(estimator, **params)
 
 
 def _apply_batched(x, fn, family, params, n_components, source, compute, *, start, index):
     return apply_batched(x, fn, family, params, n_components, start=start, index=index,
                          source=source, compute=compute)
-
-
-def _version() -> str:
-    from dmix import __version__
-
-    return __version__
-
-
-def _versions() -> dict:
-    import dask
-    import zarr
-
-    return {"dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
-
-
-_ESTIMATORS = {"GaussianMixture": GaussianMixture}
-
-
-def resume(checkpoint, data=None, *, max_iter=None, client=None, device=None, dtype=None,
-           monitor: Monitor | None = None):
-    """Continue the fit whose checkpoints are in ``checkpoint``; return the fitted estimator.
-
-    The estimator is rebuilt from the options saved with the checkpoints and fitted with
-    ``resume=True``: the result is the one the uninterrupted fit would have given.
-
-    Parameters
-    ----------
-    checkpoint : str or os.PathLike
-        The checkpoint directory (local path or fsspec URL) of the interrupted fit.
-    data : array-like, dask array, zarr array or path/URL, optional
-        The data of the fit. Default: the path or URL recorded in the checkpoint (in-memory
-        data must be passed again).
-    max_iter : int, optional
-        A new iteration limit per initialisation (default: the one of the interrupted fit).
-        It applies to the restart in progress and the later ones; restarts that had already
-        ended are not continued.
-    client : distributed.Client, optional
-        The cluster to continue on (default: the current default client, else local).
-    device, dtype : str, optional
-        Where and in which precision the E-steps continue (default: as in the interrupted
-        fit). A fit started on GPUs can go on on CPUs, and the other way round.
-    monitor : dmix.engine.Monitor, optional
-        Receives progress, as in ``fit``.
-
-    Returns
-    -------
-    estimator : GaussianMixture
-        Fitted; its ``checkpoint`` is ``checkpoint``.
-
-    Raises
-    ------
-    DmixError
-        If ``checkpoint`` holds no complete checkpoint, or ``data`` is needed and not given.
-    CheckpointMismatchError
-        If ``data`` is not the data the checkpoints were written for.
-    """
-    ckpt = CheckpointDir(checkpoint)
-    loaded = ckpt.load()
-    if loaded is None:
-        raise DmixError(f"No complete checkpoint found in {ckpt.url!r}: nothing to resume.")
-    attrs = loaded.attrs
-    cls = _ESTIMATORS.get(attrs.get("estimator"))
-    if cls is None:
-        raise DmixError(f"The checkpoints in {ckpt.url!r} are of an estimator this version of "
-                        f"dmix does not know: {attrs.get('estimator')!r}.")
-    if data is None:
-        data = attrs["data"].get("location")
-        if data is None:
-            raise DmixError(
-                f"The checkpoints in {ckpt.url!r} were written for {attrs['data']['source']}, "
-                "which has no path to reopen: pass the same data again (data=X, or --data).")
-    settings = dict(attrs["settings"], random_state=int(attrs["seed"]),
-                    checkpoint=os.fspath(checkpoint), client=client, **loaded.user_init)
-    if max_iter is not None:
-        settings["max_iter"] = max_iter
-    for key, value in (("device", device), ("dtype", dtype)):
-        if value is not None:
-            settings[key] = value
-    return cls(**settings).fit(data, resume=True, monitor=monitor)
