@@ -19,6 +19,7 @@ from dmix.estimators import GaussianMixture, resume
 from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
 from dmix.io.model import load_model as load
+from dmix.selection import Selection, select
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,9 @@ __all__ = [
     "IllConditionedError",
     "InvalidParameterError",
     "NotFittedError",
+    "Selection",
     "__version__",
     "load",
     "resume",
+    "select",
 ]

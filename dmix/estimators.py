@@ -17,6 +17,7 @@ import numpy as np
 from dmix._checkpointing import CheckpointMixin, resume
 from dmix._estimator_base import ParamsMixin, UserInitMixin, VerboseMonitor, check_number
 from dmix.engine import init as _init
+from dmix.engine.grid import fit_restarts
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
 from dmix.engine.reduce import (
     block_bytes_for,
@@ -397,24 +398,8 @@ default='full'
         # An unwritable directory fails before anything runs.
         ckpt = self._checkpoint_dir(self.checkpoint if checkpoint is None else checkpoint)
         client = resolve_client(self.client)
-        source = self._source(X, fitting=True, client=client)
+        source, data, init_data, passes, compute = self._prepare_data(X, sample_weight, client)
         n_features = source.shape[1]
-        array = source.array
-        if sample_weight is not None:
-            if self.missing == "marginalize":
-                raise InvalidParameterError(
-                    f"{type(self).__name__}: sample_weight with missing='marginalize' is not "
-                    "supported; drop the weights or the rows with missing values.")
-            array = with_weights(source, sample_weight, client=client)
-        check_visible_to_workers(X, client)
-        compute = self._compute
-        check_device_everywhere(compute, client)
-        data = place_data(array, client, in_memory=source.in_memory, persist=self.persist)
-        passes = dict(source=source.description, split_every=self.split_every, client=client)
-        init_data = data if sample_weight is None else data[:, :n_features]
-        if self.missing == "marginalize":
-            init_data = _init.impute_missing(init_data, split_every=self.split_every,
-                                             client=client)
         self.prior_ = self._resolve_prior(data, n_features, passes)
         family = self._family
         user = self._check_user_init(family, n_features)
@@ -430,6 +415,52 @@ default='full'
             if loaded is not None:
                 monitor.resumed(ckpt.url, loaded.name, loaded.snapshot.restart,
                                 loaded.snapshot.run.n_iter)
+        initialize = self._initializer(family, init_data, user, seed, do_init, passes)
+        if sample_weight is not None:
+            family = replace(family, weighted=True)
+        tic = time.perf_counter()
+        # Initialisation reads ``data`` on the CPU; the E-steps read the blocks on the device.
+        em_data = place_on_device(data, client, compute, persist=self.persist)
+        options = dict(n_init=n_init, max_iter=self.max_iter, tol=self.tol,
+                       lower_bound=-math.inf if do_init else self.lower_bound_,
+                       monitor=monitor, compute=compute,
+                       stop=get_criterion(self.stopping_criterion), **passes)
+        if ckpt is None and n_init > 1:  # the restarts side by side, one pass per iteration
+            result = fit_restarts(family, em_data, initialize, **options)
+        else:
+            result = fit_em(family, em_data, initialize, checkpoint=ckpt,
+                            resume=None if loaded is None else loaded.snapshot, **options)
+        self._set_result(family, result, n_features)
+        self.fit_seconds_ = time.perf_counter() - tic
+        if ckpt is not None:
+            self.checkpoints_ = list(ckpt.saved)
+        return self
+
+    def _prepare_data(self, X, sample_weight, client):
+        """``(source, data, init_data, passes, compute)`` of a fit: the validated input, the
+        placed data (with the weights as a last column), what initialisation reads, the
+        options of every pass, and the E-step's device and precision."""
+        source = self._source(X, fitting=True, client=client)
+        array = source.array
+        if sample_weight is not None:
+            if self.missing == "marginalize":
+                raise InvalidParameterError(
+                    f"{type(self).__name__}: sample_weight with missing='marginalize' is not "
+                    "supported; drop the weights or the rows with missing values.")
+            array = with_weights(source, sample_weight, client=client)
+        check_visible_to_workers(X, client)
+        compute = self._compute
+        check_device_everywhere(compute, client)
+        data = place_data(array, client, in_memory=source.in_memory, persist=self.persist)
+        passes = dict(source=source.description, split_every=self.split_every, client=client)
+        init_data = data if sample_weight is None else data[:, : source.shape[1]]
+        if self.missing == "marginalize":
+            init_data = _init.impute_missing(init_data, split_every=self.split_every,
+                                             client=client)
+        return source, data, init_data, passes, compute
+
+    def _initializer(self, family, init_data, user, seed, do_init, passes):
+        """``initialize(restart) -> params`` (randomness keyed by ``seed`` and ``restart``)."""
 
         def initialize(restart):
             if not do_init:
@@ -447,16 +478,9 @@ default='full'
                        else {"covariances": params["covariances"]}))
             return params
 
-        if sample_weight is not None:
-            family = replace(family, weighted=True)
-        tic = time.perf_counter()
-        # Initialisation reads ``data`` on the CPU; the E-steps read the blocks on the device.
-        em_data = place_on_device(data, client, compute, persist=self.persist)
-        result = fit_em(
-            family, em_data, initialize, n_init=n_init, max_iter=self.max_iter, tol=self.tol,
-            lower_bound=-math.inf if do_init else self.lower_bound_, monitor=monitor,
-            checkpoint=ckpt, resume=None if loaded is None else loaded.snapshot,
-            compute=compute, stop=get_criterion(self.stopping_criterion), **passes)
+        return initialize
+
+    def _set_result(self, family, result, n_features: int) -> None:
         self._set_params(family, result.params)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
@@ -464,10 +488,6 @@ default='full'
         self.lower_bounds_ = list(result.lower_bounds)
         self.n_reseeded_ = result.n_reseeded
         self.n_features_in_ = n_features
-        self.fit_seconds_ = time.perf_counter() - tic
-        if ckpt is not None:
-            self.checkpoints_ = list(ckpt.saved)
-        return self
 
     def _set_params(self, family: Gaussian, params):
         cov = family.covariance

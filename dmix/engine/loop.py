@@ -254,6 +254,51 @@ class Checkpointer(Protocol):
     def save(self, snapshot: Snapshot) -> None: ...
 
 
+def step_family(family, result: EMResult):
+    """The family for the E-step of ``result``'s next iteration (annealing changes it)."""
+    return family.for_iteration(result.n_iter) if hasattr(family, "for_iteration") else family
+
+
+def complete_iteration(family, step, data, result: EMResult, stats: Stats, state: State, *,
+                       tol: float, stop, passes: dict, tic: float, monitor: Monitor) -> State:
+    """Everything after an E-step pass: M-step, re-seeding collapsed components, the lower
+    bound, the stopping test and the monitor's record; updates ``result``, returns the state.
+
+    ``step`` is the family the E-step ran with (``family`` at this iteration's temperature).
+    """
+    previous_params = result.params
+    params, state = family.mstep(previous_params, stats, state)
+    collapsed = state.pop("collapsed", ())
+    if len(collapsed):
+        rows = worst_rows(family, data, previous_params, len(collapsed), **passes)
+        params = family.reseed(params, collapsed, rows)
+        warnings.warn(
+            f"{len(collapsed)} component(s) collapsed at iteration {result.n_iter + 1} "
+            f"(components {[int(j) for j in collapsed]}) and were re-seeded at the rows "
+            "the model explained worst. If this repeats, use fewer components or increase "
+            "reg_covar.", CollapseWarning, stacklevel=5)
+    previous = result.lower_bound
+    lower_bound = (family.objective(previous_params, stats) if hasattr(family, "objective")
+                   else float(stats["loglik"] / stats["n"]))
+    result.lower_bounds.append(lower_bound)
+    result.params, result.lower_bound = params, lower_bound
+    result.n_iter += 1
+    result.n_reseeded += len(collapsed)
+    result.seconds.append(time.perf_counter() - tic)
+    # No convergence while annealing or right after a re-seed: the objective moved for
+    # another reason than EM's ascent.
+    if not getattr(step, "tempered", False) and not len(collapsed):
+        reason = stop_reason(stop, FitHistory(result.lower_bounds, result.seconds, tol,
+                                              result.initial))
+        result.converged = reason is Stop.CONVERGED
+        result.stopped = reason is Stop.BUDGET
+    monitor.end_iteration(IterationRecord(
+        result.init, result.n_iter, lower_bound, lower_bound - previous, result.seconds[-1],
+        n_reseeded=len(collapsed),
+        inverse_temperature=float(getattr(step, "inverse_temperature", 1.0))))
+    return state
+
+
 def _finished(run: EMResult, max_iter: int) -> bool:
     return run.converged or run.stopped or run.n_iter >= max_iter
 
@@ -289,46 +334,13 @@ def run_em(
     result = start if start is not None else EMResult(params=params, lower_bound=lower_bound,
                                                       init=init, initial=lower_bound)
     stop = stop or Tol()
-    params, lower_bound = result.params, result.lower_bound
     passes = dict(split_every=split_every, client=client, compute=compute)
     while not _finished(result, max_iter):
         tic = time.perf_counter()
-        step = family.for_iteration(result.n_iter) if hasattr(family, "for_iteration") else (
-            family)
-        stats = estep_pass(step, data, params, source=source, **passes)
-        previous_params = params
-        params, state = family.mstep(params, stats, state)
-        collapsed = state.pop("collapsed", ())
-        if len(collapsed):
-            rows = worst_rows(family, data, previous_params, len(collapsed), **passes)
-            params = family.reseed(params, collapsed, rows)
-            warnings.warn(
-                f"{len(collapsed)} component(s) collapsed at iteration {result.n_iter + 1} "
-                f"(components {[int(j) for j in collapsed]}) and were re-seeded at the rows "
-                "the model explained worst. If this repeats, use fewer components or increase "
-                "reg_covar.", CollapseWarning, stacklevel=4)
-        previous = lower_bound
-        lower_bound = (family.objective(previous_params, stats) if hasattr(family, "objective")
-                       else float(stats["loglik"] / stats["n"]))
-        change = lower_bound - previous
-        result.lower_bounds.append(lower_bound)
-        result.params, result.lower_bound = params, lower_bound
-        result.n_iter += 1
-        result.n_reseeded += len(collapsed)
-        result.seconds.append(time.perf_counter() - tic)
-        # No convergence while annealing or right after a re-seed: the objective moved for
-        # another reason than EM's ascent.
-        tempered = bool(getattr(step, "tempered", False))
-        if not tempered and not len(collapsed):
-            reason = stop_reason(stop, FitHistory(result.lower_bounds, result.seconds, tol,
-                                                  result.initial))
-            result.converged = reason is Stop.CONVERGED
-            result.stopped = reason is Stop.BUDGET
-        monitor.end_iteration(
-            IterationRecord(init, result.n_iter, lower_bound, change, result.seconds[-1],
-                            n_reseeded=len(collapsed),
-                            inverse_temperature=float(getattr(step, "inverse_temperature",
-                                                              1.0))))
+        step = step_family(family, result)
+        stats = estep_pass(step, data, result.params, source=source, **passes)
+        state = complete_iteration(family, step, data, result, stats, state, tol=tol,
+                                   stop=stop, passes=passes, tic=tic, monitor=monitor)
         if on_iteration is not None:
             on_iteration(result, state)
     return result
@@ -390,11 +402,16 @@ def fit_em(
         monitor.end_init(init, run, time.perf_counter() - tic)
         if best is None or run.lower_bound > best.lower_bound:
             best = run
+    warn_if_not_converged(best, max_iter)
+    return best
+
+
+def warn_if_not_converged(best: EMResult, max_iter: int) -> None:
+    """scikit-learn's :class:`~dmix.errors.ConvergenceWarning` for the kept run."""
     if not best.converged and max_iter > 0:
         warnings.warn(
             "Best performing initialization did not converge. Try different init parameters, "
             "or increase max_iter, tol, or check for degenerate data.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return best
