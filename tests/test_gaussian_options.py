@@ -201,3 +201,54 @@ def test_option_errors_name_the_value():
         dmix.GaussianMixture(2, annealing=True, annealing_start=0.0).fit(X)
     with pytest.raises(InvalidParameterError, match="var_regularization"):
         dmix.GaussianMixture(2, var_regularization=-1.0).fit(X)
+
+
+# -- sampling and persistence with the options -----------------------------------------------
+
+
+def test_sample_inside_a_confidence_region_of_one_component():
+    from scipy.stats import chi2
+
+    gm = dmix.GaussianMixture(3, random_state=0).fit(X)
+    x, labels = gm.sample(2000, component=1, confidence=0.5)
+    assert np.all(labels == 1)
+    diff = x - gm.means_[1]
+    r2 = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(gm.covariances_[1]), diff)
+    assert np.all(r2 <= chi2.ppf(0.5, 2) * (1 + 1e-12))
+    x, _ = gm.sample(500, std_range=(2.0, 3.0))
+    assert x.shape == (500, 2)
+    with pytest.raises(InvalidParameterError, match="confidence"):
+        gm.sample(10, confidence=1.5)
+
+
+def test_save_and_load_keep_the_prior_and_the_stopping_criterion(tmp_path):
+    gm = dmix.GaussianMixture(3, covariance_type="diag", random_state=0,
+                              degrees_of_freedom_prior=5.0, mean_precision_prior=0.1,
+                              stopping_criterion=WallClock(3600.0)).fit(X)
+    gm.save(tmp_path / "m")
+    loaded = dmix.load(tmp_path / "m")
+    assert loaded.prior_ == gm.prior_
+    assert loaded.stopping_criterion == {"name": "wall_clock", "seconds": 3600.0}
+    np.testing.assert_array_equal(loaded.score_samples(X), gm.score_samples(X))
+    assert loaded.lower_bound_ == gm.lower_bound_
+    # refitting the loaded model gives the same fit (the options came back)
+    refit = loaded.fit(X)
+    np.testing.assert_array_equal(refit.means_, gm.means_)
+    with pytest.raises(InvalidParameterError, match="is a function"):
+        dmix.GaussianMixture(2, stopping_criterion=lambda h: True).fit(X).save(tmp_path / "f")
+
+
+def test_missing_values_in_process_are_chunk_invariant():
+    rng = np.random.default_rng(4)
+    holes = X.copy()
+    holes[rng.random(X.shape) < 0.2] = np.nan
+    a = dmix.GaussianMixture(3, missing="marginalize", random_state=0, tol=1e-8).fit(holes)
+    b = dmix.GaussianMixture(3, missing="marginalize", random_state=0, tol=1e-8,
+                             chunk_size=37).fit(holes)
+    np.testing.assert_allclose(a.means_, b.means_, rtol=1e-9)
+    # the means are close to those of the complete data
+    full = dmix.GaussianMixture(3, random_state=0).fit(X)
+    order = [int(np.argmin(np.linalg.norm(a.means_ - m, axis=1))) for m in full.means_]
+    np.testing.assert_allclose(a.means_[order], full.means_, atol=0.15)
+    with pytest.raises(InvalidParameterError, match="missing='marginalize'"):
+        dmix.GaussianMixture(3, missing="marginalize", cem=True).fit(holes)
