@@ -425,11 +425,15 @@ default='full'
                        lower_bound=-math.inf if do_init else self.lower_bound_,
                        monitor=monitor, compute=compute,
                        stop=get_criterion(self.stopping_criterion), **passes)
-        if ckpt is None and n_init > 1:  # the restarts side by side, one pass per iteration
-            result = fit_restarts(family, em_data, initialize, **options)
+        snapshot = None if loaded is None else loaded.snapshot
+        # The restarts side by side, one pass per iteration for all; a checkpoint of restarts
+        # run one after the other (an older dmix) is continued that way.
+        if n_init > 1 and (snapshot is None or snapshot.runs is not None):
+            result = fit_restarts(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
+                                  **options)
         else:
-            result = fit_em(family, em_data, initialize, checkpoint=ckpt,
-                            resume=None if loaded is None else loaded.snapshot, **options)
+            result = fit_em(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
+                            **options)
         self._set_result(family, result, n_features)
         self.fit_seconds_ = time.perf_counter() - tic
         if ckpt is not None:

@@ -120,11 +120,15 @@ class ProgressMonitor(Monitor):
         self._header = False
 
     def end_iteration(self, record) -> None:
+        # Restarts run side by side (one pass for all): a column says whose line it is.
+        init = self.n_init > 1
         if not self._header:
-            self._print(f"{'iter':>6}  {'log-likelihood':>16}  {'change':>11}  {'seconds':>8}")
+            self._print(("  init" if init else "") + f"{'iter':>6}  {'log-likelihood':>16}  "
+                        f"{'change':>11}  {'seconds':>8}")
             self._header = True
-        self._print(f"{record.iteration:>6d}  {record.lower_bound:>16.6f}  "
-                    f"{record.change:>11.3e}  {record.seconds:>8.3f}")
+        self._print((f"{record.init + 1:>6d}" if init else "") + f"{record.iteration:>6d}  "
+                    f"{record.lower_bound:>16.6f}  {record.change:>11.3e}  "
+                    f"{record.seconds:>8.3f}")
 
     def end_init(self, init: int, result, seconds: float) -> None:
         state = "converged" if result.converged else "did not converge"

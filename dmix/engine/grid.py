@@ -17,6 +17,7 @@ import numpy as np
 from dmix.engine.loop import (
     EMResult,
     Monitor,
+    Snapshot,
     _estep_block,
     _finished,
     batch_rows,
@@ -60,9 +61,10 @@ def estep_pass_many(families, data, params_list: list[Params], *, source="the da
 def run_em_many(families, data, runs: list[EMResult], states: list[State] | None = None, *,
                 max_iter: int, tol: float, stop=None, source: str = "the data",
                 split_every=None, client=None, compute: Compute = _CPU,
-                monitor: Monitor | None = None) -> list[EMResult]:
+                monitor: Monitor | None = None, on_pass=None) -> list[EMResult]:
     """Continue every run of ``runs`` (its family in ``families``) until each has finished,
-    all E-steps of an iteration in one pass; ``runs`` are updated in place and returned."""
+    all E-steps of an iteration in one pass; ``runs`` are updated in place and returned.
+    ``on_pass(runs, states)`` is called after every pass."""
     monitor = monitor or Monitor()
     stop = stop or Tol()
     states = [dict(s) for s in (states or [{} for _ in runs])]
@@ -78,23 +80,45 @@ def run_em_many(families, data, runs: list[EMResult], states: list[State] | None
                                            tol=tol, stop=stop, passes=passes, tic=tic,
                                            monitor=monitor)
         active = [i for i in active if not _finished(runs[i], max_iter)]
+        if on_pass is not None:
+            on_pass(runs, states)
     return runs
 
 
 def fit_restarts(family, data, initialize, *, n_init: int, max_iter: int, tol: float,
                  lower_bound: float = -np.inf, stop=None, monitor: Monitor | None = None,
-                 **passes) -> EMResult:
-    """:func:`dmix.engine.loop.fit_em` without checkpoints, the ``n_init`` restarts run side by
-    side (one pass per iteration for all); the same result, restart for restart."""
+                 checkpoint=None, resume: Snapshot | None = None, **passes) -> EMResult:
+    """:func:`dmix.engine.loop.fit_em` with the ``n_init`` restarts side by side (one pass per
+    iteration for all): the same result, restart for restart.
+
+    With ``checkpoint``, a snapshot of every run is saved after the initialisations, every
+    ``checkpoint.every`` passes and at the end; ``resume`` (such a snapshot) continues them.
+    """
     monitor = monitor or Monitor()
-    runs = []
-    for init in range(n_init):
-        monitor.begin_init(init)
-        runs.append(EMResult(params=initialize(init), lower_bound=lower_bound, init=init,
-                             initial=lower_bound))
+    if resume is not None:
+        runs, states = resume.runs, resume.states
+    else:
+        runs, states = [], [{} for _ in range(n_init)]
+        for init in range(n_init):
+            monitor.begin_init(init)
+            runs.append(EMResult(params=initialize(init), lower_bound=lower_bound, init=init,
+                                 initial=lower_bound))
+
+    def save(runs, states):
+        # Named by the iterations of all runs together, which every pass increases.
+        done = sum(run.n_iter for run in runs)
+        if checkpoint is not None and (
+            max(run.n_iter for run in runs) % checkpoint.every == 0
+            or all(_finished(r, max_iter) for r in runs)
+        ):
+            checkpoint.save(Snapshot(0, EMResult({}, -np.inf, n_iter=done), {}, runs=runs,
+                                     states=states))
+
+    if resume is None:
+        save(runs, states)
     tic = time.perf_counter()
-    run_em_many([family] * n_init, data, runs, max_iter=max_iter, tol=tol, stop=stop,
-                monitor=monitor, **passes)
+    run_em_many([family] * n_init, data, runs, states, max_iter=max_iter, tol=tol, stop=stop,
+                monitor=monitor, on_pass=save, **passes)
     best = None
     for run in runs:
         monitor.end_init(run.init, run, time.perf_counter() - tic)

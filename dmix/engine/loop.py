@@ -244,6 +244,10 @@ class Snapshot:
     run: EMResult
     state: State
     best: EMResult | None = None
+    #: Restarts run side by side (:func:`dmix.engine.grid.fit_restarts`): every run and its
+    #: state (then ``run`` and ``state`` are the first's, and ``best`` is None).
+    runs: list[EMResult] | None = None
+    states: list[State] | None = None
 
 
 class Checkpointer(Protocol):

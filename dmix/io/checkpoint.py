@@ -255,6 +255,10 @@ class CheckpointDir:
         arrays.update({f"run/state/{k}": v for k, v in snapshot.state.items()})
         if snapshot.best is not None:
             arrays.update({f"best/params/{k}": v for k, v in snapshot.best.params.items()})
+        for i, (run, state) in enumerate(zip(snapshot.runs or (), snapshot.states or (),
+                                             strict=True)):
+            arrays.update({f"runs/{i}/params/{k}": v for k, v in run.params.items()})
+            arrays.update({f"runs/{i}/state/{k}": v for k, v in state.items()})
         arrays.update({f"user_init/{k}": v for k, v in self.user_init.items()})
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
 
@@ -272,6 +276,7 @@ class CheckpointDir:
             "iteration": snapshot.run.n_iter,
             "run": _run_attrs(snapshot.run),
             "best": None if snapshot.best is None else _run_attrs(snapshot.best),
+            "runs": None if snapshot.runs is None else [_run_attrs(r) for r in snapshot.runs],
             "state_keys": sorted(snapshot.state),
             "checksums": {k: digest(v) for k, v in arrays.items()},
             "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -345,8 +350,13 @@ class CheckpointDir:
         run = _run_from_attrs(attrs["run"], sub("run/params/"))
         best = None if attrs["best"] is None else _run_from_attrs(attrs["best"],
                                                                   sub("best/params/"))
+        runs = states = None
+        if attrs.get("runs") is not None:  # restarts side by side
+            runs = [_run_from_attrs(a, sub(f"runs/{i}/params/"))
+                    for i, a in enumerate(attrs["runs"])]
+            states = [sub(f"runs/{i}/state/") for i in range(len(runs))]
         snapshot = Snapshot(restart=attrs["restart"], run=run, state=sub("run/state/"),
-                            best=best)
+                            best=best, runs=runs, states=states)
         return Loaded(name=name, snapshot=snapshot, attrs=attrs, user_init=sub("user_init/"))
 
     def load(self) -> Loaded | None:

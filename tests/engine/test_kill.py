@@ -99,32 +99,32 @@ def _assert_equal(npz_path, reference):
         np.testing.assert_array_equal(got[key], reference[key], err_msg=key)
 
 
-# (function, which call, LATEST and the groups left by the kill): 10 blocks per pass,
-# 2 restarts x 6 iterations, a checkpoint after each initialisation and iteration, keep=2.
+# (function, which call, LATEST and the groups left by the kill): 10 blocks per pass, 2
+# restarts side by side x 6 iterations (each pass calls the E-step twice per block and the
+# M-step twice), a checkpoint after the initialisations and after every pass, named by the
+# iterations of both restarts together (0, 2, ..., 12), 8 arrays each, keep=2.
 MOMENTS = [
-    # in the E-step pass of iteration 4 of restart 1 (restart 0 made 60 calls)
-    ("estep", 95, 1, 3, [(1, 2), (1, 3)]),
-    # in the third M-step of restart 0
-    ("mstep", 3, 0, 2, [(0, 1), (0, 2)]),
-    # in k-means|| of restart 1
-    ("init", 2, 0, 6, [(0, 5), (0, 6)]),
-    # among the arrays of the group of iteration 4 (its 20th array overall)
-    ("array", 20, 0, 3, [(0, 2), (0, 3), (0, 4)]),
-    # the arrays of iteration 4 written, its attributes (``complete``) not yet
-    ("attrs", 5, 0, 3, [(0, 2), (0, 3), (0, 4)]),
-    # the group of iteration 1 of restart 1 complete, LATEST not yet written
-    ("latest", 9, 1, 0, [(0, 6), (1, 0), (1, 1)]),
-    # LATEST's temporary file for iteration 3 written, not yet renamed
-    ("rename", 4, 0, 2, [(0, 1), (0, 2), (0, 3)]),
-    # LATEST moved to iteration 5, the old groups not yet deleted
-    ("prune", 6, 0, 5, [(0, 3), (0, 4), (0, 5)]),
+    # in the E-step pass of iteration 4 (the passes before made 60 calls)
+    ("estep", 65, 6, [4, 6]),
+    # in the first M-step of iteration 2
+    ("mstep", 3, 2, [0, 2]),
+    # in k-means|| of restart 1: no checkpoint yet
+    ("init", 2, None, []),
+    # among the arrays of the third checkpoint (its 20th array overall)
+    ("array", 20, 2, [0, 2, 4]),
+    # the arrays of the fifth checkpoint written, its attributes (``complete``) not yet
+    ("attrs", 5, 6, [4, 6, 8]),
+    # the third checkpoint complete, LATEST not yet written
+    ("latest", 3, 2, [0, 2, 4]),
+    # LATEST's temporary file for the fourth checkpoint written, not yet renamed
+    ("rename", 4, 4, [2, 4, 6]),
+    # LATEST moved to the sixth checkpoint, the old groups not yet deleted
+    ("prune", 6, 10, [6, 8, 10]),
 ]
 
 
-@pytest.mark.parametrize("target, at, restart, iteration, left", MOMENTS,
-                         ids=[m[0] for m in MOMENTS])
-def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, target, at, restart,
-                                                   iteration, left):
+@pytest.mark.parametrize("target, at, latest, left", MOMENTS, ids=[m[0] for m in MOMENTS])
+def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, target, at, latest, left):
     script, data, reference, _ = setup
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     killed = _run(script, data, ckpt, out, target, at)
@@ -132,12 +132,12 @@ def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, target, at, r
     assert not out.exists()
     # The kill came at the intended moment.
     directory = CheckpointDir(ckpt)
-    assert directory.latest_name() == group_name(restart, iteration)
-    assert directory.groups() == [group_name(*g) for g in left]
+    assert directory.latest_name() == (None if latest is None else group_name(0, latest))
+    assert directory.groups() == [group_name(0, g) for g in left]
     finished = _run(script, data, ckpt, out, "none", 0)
     assert finished.returncode == 0, finished.stderr
     _assert_equal(out, reference)
-    assert directory.groups() == [group_name(1, 5), group_name(1, 6)]
+    assert directory.groups() == [group_name(0, 10), group_name(0, 12)]
 
 
 def test_killed_at_random_moments_again_and_again(setup, tmp_path):
