@@ -9,18 +9,22 @@ would fitted alone (the same parameters, bit for bit); one more pass scores them
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dmix.engine.grid import run_em_many, score_many
-from dmix.engine.loop import EMResult, warn_if_not_converged
+from dmix.engine.loop import EMResult, Snapshot, warn_if_not_converged
 from dmix.engine.reduce import place_on_device, resolve_client
 from dmix.engine.stopping import get_criterion
-from dmix.errors import InvalidParameterError
+from dmix.errors import DmixError, InvalidParameterError
 from dmix.estimators import GaussianMixture
+from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES
+from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint
+from dmix.io.store import _jsonable
 from dmix.rng import seed_sequence_int
 
 __all__ = ["Selection", "select"]
@@ -77,7 +81,8 @@ def _grid(values, name, check):
 
 
 def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_init=1,
-           random_state=None, client=None, **params) -> Selection:
+           random_state=None, client=None, checkpoint=None, resume=False, checkpoint_every=1,
+           checkpoint_keep=3, **params) -> Selection:
     """Fit a grid of Gaussian mixtures in shared passes and pick one by an information
     criterion.
 
@@ -94,10 +99,16 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
     random_state : int, optional
         Seed of every model's initialisation (the same as fitting the model alone with it).
     client : distributed.Client, optional
+    checkpoint : str or os.PathLike, optional
+        Directory where every run of the grid is checkpointed after the initialisations and
+        every ``checkpoint_every`` passes (the last ``checkpoint_keep`` kept).
+    resume : bool, default=False
+        Continue the grid from the latest checkpoint in ``checkpoint`` (same data and grid);
+        the result is the one of an uninterrupted selection.
     **params
         Other :class:`GaussianMixture` parameters, the same for every model (``tol``,
-        ``max_iter``, ``reg_covar``, ``init_params``, priors, ``chunk_size``...). Not
-        ``checkpoint`` or user initial parameters.
+        ``max_iter``, ``reg_covar``, ``init_params``, priors, ``chunk_size``...). Not user
+        initial parameters.
 
     Returns
     -------
@@ -107,7 +118,7 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
     if criterion not in _CRITERIA:
         raise InvalidParameterError(
             f"select: criterion must be one of {list(_CRITERIA)}. Got {criterion!r} instead.")
-    for name in ("checkpoint", "weights_init", "means_init", "precisions_init", "n_components",
+    for name in ("weights_init", "means_init", "precisions_init", "n_components",
                  "covariance_type"):
         if params.get(name) is not None:
             raise InvalidParameterError(f"select does not take {name!r}: fit that model alone.")
@@ -139,20 +150,62 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
             f"select: n_components up to {max(ks)} needs at least as many rows; the data have "
             f"{n_samples}.")
 
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = CheckpointDir(checkpoint, every=checkpoint_every, keep=checkpoint_keep)
+        ckpt.check_writable()
+        if not resume and not ckpt.is_empty():
+            raise DmixError(
+                f"The checkpoint directory {ckpt.url!r} holds checkpoints of an earlier run. "
+                "Pass resume=True to continue it, or choose an empty directory.")
+    loaded = ckpt.load() if ckpt is not None and resume else None
+    if loaded is not None and random_state is None:
+        seed = int(loaded.attrs["seed"])  # an unseeded selection continues with its own seed
+
     tic = time.perf_counter()
-    families, runs, owners = [], [], []
+    families, initializers, owners = [], [], []
     for key, est in models.items():
+        est.random_state = seed
         est.prior_ = est._resolve_prior(data, n_features, passes)
         family = est._family
         initialize = est._initializer(family, init_data, {}, seed, True, passes)
         for restart in range(est.n_init):
             families.append(family)
-            runs.append(EMResult(params=initialize(restart), lower_bound=-math.inf,
-                                 init=restart))
+            initializers.append((initialize, restart))
             owners.append(key)
+    if ckpt is not None:
+        location = X if isinstance(X, str) and "://" in X else (
+            os.path.abspath(os.fspath(X)) if isinstance(X, str | os.PathLike) else None)
+        spec = {"name": "grid", "families": [family_spec(f) for f in families]}
+        options = {"grid": [[k, t] for k, t in models], "n_init": n_init, "seed": str(seed),
+                   "init_params": first.init_params}
+        fingerprint = data_fingerprint(data, source.description, location, client)
+        if loaded is not None:
+            check_compatible(loaded.attrs, family=_jsonable(spec, "grid"), options=options,
+                             fingerprint=fingerprint, where=ckpt.url)
+        ckpt.discard_after(None if loaded is None else loaded.name)
+        ckpt.meta = {"estimator": "select", "family": spec, "options": options,
+                     "data": fingerprint, "seed": str(seed)}
+    if loaded is not None:
+        runs, states = loaded.snapshot.runs, loaded.snapshot.states
+    else:
+        runs = [EMResult(params=init(restart), lower_bound=-math.inf, init=restart)
+                for init, restart in initializers]
+        states = [{} for _ in runs]
+
+    def save(runs, states):  # named by the iterations of all runs together
+        if ckpt is not None and (max(r.n_iter for r in runs) % ckpt.every == 0 or all(
+                r.converged or r.stopped or r.n_iter >= first.max_iter for r in runs)):
+            done = sum(r.n_iter for r in runs)
+            ckpt.save(Snapshot(0, EMResult({}, -math.inf, n_iter=done), {}, runs=runs,
+                               states=states))
+
+    if loaded is None:
+        save(runs, states)
     em_data = place_on_device(data, client, compute, persist=first.persist)
-    run_em_many(families, em_data, runs, max_iter=first.max_iter, tol=first.tol,
-                stop=get_criterion(first.stopping_criterion), compute=compute, **passes)
+    run_em_many(families, em_data, runs, states, max_iter=first.max_iter, tol=first.tol,
+                stop=get_criterion(first.stopping_criterion), compute=compute,
+                on_pass=save, **passes)
 
     best_runs = {}
     for key, run in zip(owners, runs, strict=True):

@@ -100,5 +100,21 @@ def test_select_errors():
         dmix.select(X, [2], ["round"])
     with pytest.raises(InvalidParameterError, match="n_components must be ints >= 1"):
         dmix.select(X, [0, 2])
-    with pytest.raises(InvalidParameterError, match="does not take 'checkpoint'"):
-        dmix.select(X, [2], checkpoint="somewhere")
+    with pytest.raises(InvalidParameterError, match="does not take 'means_init'"):
+        dmix.select(X, [2], means_init=X[:2])
+
+
+def test_select_checkpoints_and_resumes_exactly(tmp_path):
+    grid = dict(n_components=[2, 3], covariance_types=["full", "diag"], n_init=2,
+                random_state=7, tol=1e-6)
+    whole = dmix.select(X, **grid, max_iter=40)
+    ckpt = tmp_path / "grid"
+    dmix.select(X, **grid, max_iter=3, checkpoint=ckpt)
+    resumed = dmix.select(X, **grid, max_iter=40, checkpoint=ckpt, resume=True)
+    for a, b in zip(whole.table, resumed.table, strict=True):
+        assert a == b
+    np.testing.assert_array_equal(resumed.best.means_, whole.best.means_)
+    with pytest.raises(dmix.DmixError, match="holds checkpoints of an earlier run"):
+        dmix.select(X, **grid, checkpoint=ckpt)
+    with pytest.raises(dmix.CheckpointMismatchError, match="grid"):
+        dmix.select(X, **dict(grid, n_components=[2, 4]), checkpoint=ckpt, resume=True)
