@@ -13,7 +13,7 @@ import zarr
 from dmix import GaussianMixture
 from dmix.cli import main
 from dmix.datasets import make_mixture, match_components
-from dmix.io.store import load_model
+from dmix.io.store import read_model
 
 N, D, K, SEED, CHUNK = 20_000, 3, 3, 3, 2_000
 
@@ -92,7 +92,7 @@ def test_fit_on_a_scheduler_then_info(data_path, scheduler, capsys, tmp_path):
     assert re.search(r"Dask dashboard: http://\S+/status", out)
     assert f"{N} rows x {D} features, float64, 5 block(s) of up to 4000 rows" in out
 
-    family, params, attrs = load_model(model)
+    family, params, attrs = read_model(model)
     assert {k: family[k] for k in ("name", "covariance_type", "reg_covar", "prior", "cem")} == {
         "name": "gaussian", "covariance_type": "full", "reg_covar": 1e-6, "prior": None,
         "cem": False}
@@ -254,7 +254,7 @@ def test_command_line_end_to_end(tmp_path):
     assert fitted.returncode == 0, fitted.stderr
     assert "Started a local Dask cluster: 1 worker process(es) x 1 thread" in fitted.stdout
     assert re.search(r"Dask dashboard: http://\S+/status", fitted.stdout)
-    family, params, attrs = load_model(model)
+    family, params, attrs = read_model(model)
     assert family["covariance_type"] == "diag" and params["covariances"].shape == (2, 2)
     assert len(ITERATION_LINE.findall(fitted.stdout)) == attrs["n_iter_"]
     truth = make_mixture(30_000, 2, 2, 5).params

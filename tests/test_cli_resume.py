@@ -6,7 +6,7 @@ from distributed import LocalCluster
 
 from dmix.cli import main
 from dmix.io.checkpoint import CheckpointDir
-from dmix.io.store import load_model
+from dmix.io.store import read_model
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def _fit(data, cluster, *extra):
 
 
 def _same_model(a, b):
-    _, pa, aa = load_model(a)
-    _, pb, ab = load_model(b)
+    _, pa, aa = read_model(a)
+    _, pb, ab = read_model(b)
     for key in pb:
         np.testing.assert_array_equal(pa[key], pb[key], err_msg=key)
     assert aa["lower_bounds_"] == ab["lower_bounds_"] and aa["n_iter_"] == ab["n_iter_"]

@@ -37,7 +37,7 @@ from distributed import Client, LocalCluster
 
 import dmix
 from dmix.cli import build_parser, main
-from dmix.io.store import load_model
+from dmix.io.store import read_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,7 +77,7 @@ def _run(argv, cwd, timeout=180) -> str:
 
 def _assert_same_model(path, ref) -> None:
     """The model saved at ``path`` is the fit ``ref`` to 1e-10 relative."""
-    family, params, attrs = load_model(path)
+    family, params, attrs = read_model(path)
     assert family["covariance_type"] == ref.covariance_type
     for name in PARAMS:
         got, want = np.asarray(params[name]), getattr(ref, name + "_")

@@ -38,7 +38,7 @@ from dmix.io.source import as_source
 from dmix.io.store import (
     check_model_target,
     create_group,
-    load_model,
+    read_model,
     write_blocks,
     write_params,
 )
@@ -203,7 +203,7 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    family, params, attrs = load_model(args.model)
+    family, params, attrs = read_model(args.model)
     defaults = family_spec(Gaussian())
     weights = np.asarray(params.get("weights", []))
     means = np.asarray(params.get("means", np.empty((0, 0))))

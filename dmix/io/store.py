@@ -32,13 +32,13 @@ __all__ = [
     "check_model_target",
     "check_target",
     "create_group",
-    "load_model",
+    "read_model",
     "read_params",
     "write_blocks",
     "write_params",
 ]
 
-#: The ``schema`` attribute of a saved model; :func:`load_model` refuses any other.
+#: The ``schema`` attribute of a saved model; :func:`read_model` refuses any other.
 MODEL_SCHEMA = "dmix-model/1"
 #: Target bytes of one write of :func:`write_blocks` when ``block_rows`` is not given.
 DEFAULT_WRITE_BYTES = 32 * 2**20
@@ -437,7 +437,7 @@ def check_model_target(path, overwrite: bool = False,
                  replaceable=lambda kind: _is_model(path, storage_options))
 
 
-def load_model(path, *, storage_options: dict | None = None) -> tuple[dict, dict, dict]:
+def read_model(path, *, storage_options: dict | None = None) -> tuple[dict, dict, dict]:
     """The raw contents of a model written by :func:`dmix.io.model.save_model` (which checks
     them; this reader is for ``dmix info``).
 

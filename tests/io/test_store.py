@@ -16,7 +16,7 @@ from dmix.datasets import (
 from dmix.errors import DataError, InvalidParameterError
 from dmix.io.store import (
     check_alignment,
-    load_model,
+    read_model,
     read_params,
     write_blocks,
     write_params,
@@ -251,7 +251,7 @@ def test_raw_reader_reads_saved_models(tmp_path, where):
     x = np.random.default_rng(0).normal(size=(60, 2))
     est = dmix.GaussianMixture(2, random_state=0).fit(x)
     save_model(est, path)
-    family, params, attrs = load_model(path)
+    family, params, attrs = read_model(path)
     assert family["name"] == "gaussian" and family["covariance_type"] == "full"
     np.testing.assert_array_equal(params["means"], est.means_)
     assert attrs["n_iter_"] == est.n_iter_ and attrs["dmix_version"] == dmix.__version__
@@ -259,12 +259,12 @@ def test_raw_reader_reads_saved_models(tmp_path, where):
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(DataError, match=r"No dmix model found at '.*missing': the path does"):
-        load_model(tmp_path / "missing")
+        read_model(tmp_path / "missing")
     with pytest.raises(DataError, match=r"No dmix model found at 'memory://.*': the path does"):
-        load_model(memory_url("missing"))
+        read_model(memory_url("missing"))
     data = tmp_path / "data.zarr"
     write_blocks(data, 10, 2, lambda a, b: np.ones((b - a, 2)), 5, name="X")
     with pytest.raises(DataError, match=r"it is a Zarr group whose 'schema' attribute is None"):
-        load_model(data)
+        read_model(data)
     with pytest.raises(DataError, match=r"it is a Zarr array"):
-        load_model(data / "X")
+        read_model(data / "X")
