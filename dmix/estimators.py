@@ -114,11 +114,27 @@ default='full'
         ``lower_bound_`` is then the mean classification log-likelihood.
     annealing : bool, default=False
         Deterministic annealing: the responsibilities are ``softmax_k(nu log(w_k p_k(x)))``
-        with an inverse temperature ``nu`` rising geometrically from ``annealing_start`` to 1
-        over the first ``annealing_iter`` iterations (default ``max_iter // 2``), then plain
-        EM. Convergence is not tested while ``nu < 1``.
-    annealing_start : float in (0, 1], default=0.1
+        with an inverse temperature ``nu`` rising geometrically from ``annealing_start`` at the
+        first iteration to 1 at iteration ``annealing_iter`` (0-based):
+        ``nu_t = annealing_start ** (1 - t / annealing_iter)``, then plain EM. ``annealing_iter``
+        must be below ``max_iter`` for the fit to end with plain EM. Convergence is not tested
+        while ``nu < 1``; ``lower_bound_`` and the recorded bounds are always the untempered
+        mean log-likelihood.
+    annealing_start : float in (0, 1], default=0.5
+        The first inverse temperature. Tempering by ``nu`` is an E-step with covariances
+        ``Sigma_k / nu``, and the M-step re-estimates the covariances from the broader
+        responsibilities: below a data-dependent threshold every component merges into the
+        global Gaussian, a state that stays stable while ``nu`` is small, so the fit ends
+        with the components (nearly) identical. A mild start keeps them apart and lets them
+        redistribute: on four 2-D clusters (sizes 300, 300, 300, 60;
+        ``init_params='random_from_data'``, 20 seeds) plain EM reached the best
+        log-likelihood in 13 runs, ``annealing_start`` 0.3 to 0.7 in 14 or 15, and 0.1 or
+        0.2 (0.1 is the ``mixes`` package's default) in none. Raise it if components merge.
+        It is no general cure for local optima: on three 2-D clusters with a small fourth
+        (20 seeds) plain EM reached the best mode 7 times, annealing from 0.5 never and from
+        0.7 four times; restarts (``n_init``) are the reliable remedy.
     annealing_iter : int, optional
+        Iterations of the schedule; default ``max(1, max_iter // 2)``.
     stopping_criterion : str or callable, default='tol'
         When a run has converged: 'tol' (the change of the mean log-likelihood below ``tol``),
         'relative', 'aitken', a built-in of :mod:`dmix.engine.stopping`, or any callable
@@ -185,7 +201,7 @@ default='full'
         var_regularization=0.0,
         cem=False,
         annealing=False,
-        annealing_start=0.1,
+        annealing_start=0.5,
         annealing_iter=None,
         stopping_criterion="tol",
         on_collapse="reseed",
