@@ -48,7 +48,6 @@ def test_annealing_reaches_the_dominant_mode_more_often_than_plain_em():
     # 0.3 15/20, 0.7 14/20; from 0.1 or 0.2 0/20 (every component merges into the global
     # Gaussian and stays there: see the Gaussian module's docstring).
     assert n_annealed > n_plain >= 10  # (13, 14) here; one seed may flip with another BLAS
-    assert n_annealed > n_plain
 
 
 def test_schedule_is_geometric_and_reaches_one_before_max_iter():
