@@ -13,7 +13,13 @@ from dmix.engine.loop import Monitor
 from dmix.engine.stopping import criterion_spec, get_criterion
 from dmix.errors import DmixError, InvalidParameterError
 from dmix.families.base import family_spec
-from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint, digest
+from dmix.io.checkpoint import (
+    CheckpointDir,
+    check_compatible,
+    data_fingerprint,
+    data_location,
+    digest,
+)
 
 __all__ = ["CheckpointMixin", "resume"]
 
@@ -47,10 +53,7 @@ class CheckpointMixin:
         loaded = ckpt.load() if resume else None
         if loaded is not None and self.random_state is None:
             seed = int(loaded.attrs["seed"])  # an unseeded fit continues with its own seed
-        location = os.fspath(X) if isinstance(X, str | os.PathLike) else None
-        if location is not None and "://" not in location:
-            location = os.path.abspath(location)  # resume may run from another directory
-        fingerprint = data_fingerprint(data, source.description, location, client)
+        fingerprint = data_fingerprint(data, source.description, data_location(X), client)
         must_match = {
             "estimator": type(self).__name__,
             "n_components": self.n_components,

@@ -20,22 +20,23 @@ class FitMixin:
             "weight_concentration_prior", "mean_prior", "mean_precision_prior",
             "covariance_prior", "degrees_of_freedom_prior")}
 
-    def _resolve_prior(self, data, n_features, passes):
-        """The prior of the options, with defaults from one pass over the data if needed."""
+    def _resolve_prior(self, data, n_features, passes, moments: dict | None = None):
+        """The prior of the options, with defaults from one pass over the data if needed
+        (kept in ``moments``, if given, for the next call on the same data)."""
         from dmix.families.priors import resolve_prior
 
         options = self._prior_options()
         if all(v is None for v in options.values()):
             return None
-        moments = {}
+        moments = {} if moments is None else moments
         mean_default = options["mean_prior"] is None and options["mean_precision_prior"] is not None
         cov_default = options["covariance_prior"] is None and (
             options["degrees_of_freedom_prior"] is not None)
-        if mean_default or cov_default:
+        if (mean_default or cov_default) and not moments:
             _, mean, covariance = _init.data_moments(
                 data, n_features=n_features, split_every=passes["split_every"],
                 client=passes["client"])
-            moments = {"data_mean": mean, "data_covariance": covariance}
+            moments.update(data_mean=mean, data_covariance=covariance)
         return resolve_prior(get_covariance(self.covariance_type).name, self.n_components,
                              n_features, **options, **moments)
 

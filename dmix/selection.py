@@ -9,21 +9,25 @@ would fitted alone (the same parameters, bit for bit); one more pass scores them
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dmix.engine.grid import run_em_many, score_many
-from dmix.engine.loop import EMResult, Snapshot, warn_if_not_converged
+from dmix.engine.grid import run_em_many, score_many, snapshot_saver
+from dmix.engine.loop import EMResult, warn_if_not_converged
 from dmix.engine.reduce import place_on_device, resolve_client
 from dmix.engine.stopping import get_criterion
 from dmix.errors import DmixError, InvalidParameterError
 from dmix.estimators import GaussianMixture
 from dmix.families.base import family_spec
 from dmix.families.covariance import COVARIANCE_TYPES
-from dmix.io.checkpoint import CheckpointDir, check_compatible, data_fingerprint
+from dmix.io.checkpoint import (
+    CheckpointDir,
+    check_compatible,
+    data_fingerprint,
+    data_location,
+)
 from dmix.io.store import _jsonable
 from dmix.rng import seed_sequence_int
 
@@ -136,7 +140,18 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
     ks = _grid(n_components, "n_components", check_k)
     types = _grid(covariance_types, "covariance_types", check_type)
     client = resolve_client(client)
-    seed = seed_sequence_int(random_state)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = CheckpointDir(checkpoint, every=checkpoint_every, keep=checkpoint_keep)
+        ckpt.check_writable()
+        if not resume and not ckpt.is_empty():
+            raise DmixError(
+                f"The checkpoint directory {ckpt.url!r} holds checkpoints of an earlier run. "
+                "Pass resume=True to continue it, or choose an empty directory.")
+    loaded = ckpt.load() if ckpt is not None and resume else None
+    # An unseeded selection that resumes continues with its own seed.
+    seed = (int(loaded.attrs["seed"]) if loaded is not None and random_state is None
+            else seed_sequence_int(random_state))
     models = {(int(k), t): GaussianMixture(int(k), covariance_type=t, n_init=n_init,
                                            random_state=seed, client=client, **params)
               for k in ks for t in types}
@@ -150,23 +165,10 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
             f"select: n_components up to {max(ks)} needs at least as many rows; the data have "
             f"{n_samples}.")
 
-    ckpt = None
-    if checkpoint is not None:
-        ckpt = CheckpointDir(checkpoint, every=checkpoint_every, keep=checkpoint_keep)
-        ckpt.check_writable()
-        if not resume and not ckpt.is_empty():
-            raise DmixError(
-                f"The checkpoint directory {ckpt.url!r} holds checkpoints of an earlier run. "
-                "Pass resume=True to continue it, or choose an empty directory.")
-    loaded = ckpt.load() if ckpt is not None and resume else None
-    if loaded is not None and random_state is None:
-        seed = int(loaded.attrs["seed"])  # an unseeded selection continues with its own seed
-
     tic = time.perf_counter()
-    families, initializers, owners = [], [], []
+    families, initializers, owners, moments = [], [], [], {}
     for key, est in models.items():
-        est.random_state = seed
-        est.prior_ = est._resolve_prior(data, n_features, passes)
+        est.prior_ = est._resolve_prior(data, n_features, passes, moments)
         family = est._family
         initialize = est._initializer(family, init_data, {}, seed, True, passes)
         for restart in range(est.n_init):
@@ -174,12 +176,10 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
             initializers.append((initialize, restart))
             owners.append(key)
     if ckpt is not None:
-        location = X if isinstance(X, str) and "://" in X else (
-            os.path.abspath(os.fspath(X)) if isinstance(X, str | os.PathLike) else None)
         spec = {"name": "grid", "families": [family_spec(f) for f in families]}
         options = {"grid": [[k, t] for k, t in models], "n_init": n_init, "seed": str(seed),
                    "init_params": first.init_params}
-        fingerprint = data_fingerprint(data, source.description, location, client)
+        fingerprint = data_fingerprint(data, source.description, data_location(X), client)
         if loaded is not None:
             check_compatible(loaded.attrs, family=_jsonable(spec, "grid"), options=options,
                              fingerprint=fingerprint, where=ckpt.url)
@@ -193,13 +193,7 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
                 for init, restart in initializers]
         states = [{} for _ in runs]
 
-    def save(runs, states):  # named by the iterations of all runs together
-        if ckpt is not None and (max(r.n_iter for r in runs) % ckpt.every == 0 or all(
-                r.converged or r.stopped or r.n_iter >= first.max_iter for r in runs)):
-            done = sum(r.n_iter for r in runs)
-            ckpt.save(Snapshot(0, EMResult({}, -math.inf, n_iter=done), {}, runs=runs,
-                               states=states))
-
+    save = snapshot_saver(ckpt, first.max_iter)
     if loaded is None:
         save(runs, states)
     em_data = place_on_device(data, client, compute, persist=first.persist)

@@ -4,12 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+from sklearn import mixture
 
 from dmix import COVARIANCE_TYPES, GaussianMixture
 from dmix.convert import SKLEARN_TYPE, from_sklearn, to_sklearn
 from dmix.errors import InvalidParameterError, NotFittedError
-
-mixture = pytest.importorskip("sklearn.mixture")
 
 PARAMS = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
 SCALARS = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "n_features_in_")

@@ -118,3 +118,14 @@ def test_select_checkpoints_and_resumes_exactly(tmp_path):
         dmix.select(X, **grid, checkpoint=ckpt)
     with pytest.raises(dmix.CheckpointMismatchError, match="grid"):
         dmix.select(X, **dict(grid, n_components=[2, 4]), checkpoint=ckpt, resume=True)
+
+
+def test_select_with_default_priors_equals_fitting_alone():
+    # the data moments behind the default hyperparameters are computed once for the grid
+    options = dict(random_state=0, degrees_of_freedom_prior=6.0, mean_precision_prior=0.05)
+    sel = dmix.select(X, [2, 3], ["full", "spherical"], **options)
+    for (k, t), model in sel.models.items():
+        alone = dmix.GaussianMixture(k, covariance_type=t, **options).fit(X)
+        assert model.prior_ == alone.prior_
+        np.testing.assert_array_equal(model.means_, alone.means_)
+        assert model.lower_bounds_ == alone.lower_bounds_

@@ -30,7 +30,9 @@ from dmix.engine.stopping import Tol
 from dmix.families.base import Params, State, Stats
 from dmix.xp import Compute, Workspace, batches, get_namespace, to_host
 
-__all__ = ["estep_pass_many", "fit_restarts", "run_em_many", "score_many"]
+__all__ = [
+    "estep_pass_many", "fit_restarts", "run_em_many", "score_many", "snapshot_saver",
+]
 
 _CPU = Compute()
 
@@ -85,6 +87,23 @@ def run_em_many(families, data, runs: list[EMResult], states: list[State] | None
     return runs
 
 
+def snapshot_saver(checkpoint, max_iter: int):
+    """``save(runs, states)``: a checkpoint of runs side by side after the initialisations,
+    every ``checkpoint.every`` passes and when all have finished (nothing without a
+    checkpoint). Each is named by the iterations of all runs together, which every pass
+    increases."""
+
+    def save(runs, states):
+        if checkpoint is not None and (
+            max(run.n_iter for run in runs) % checkpoint.every == 0
+            or all(_finished(run, max_iter) for run in runs)
+        ):
+            done = EMResult({}, -np.inf, n_iter=sum(run.n_iter for run in runs))
+            checkpoint.save(Snapshot(0, done, {}, runs=runs, states=states))
+
+    return save
+
+
 def fit_restarts(family, data, initialize, *, n_init: int, max_iter: int, tol: float,
                  lower_bound: float = -np.inf, stop=None, monitor: Monitor | None = None,
                  checkpoint=None, resume: Snapshot | None = None, **passes) -> EMResult:
@@ -104,16 +123,7 @@ def fit_restarts(family, data, initialize, *, n_init: int, max_iter: int, tol: f
             runs.append(EMResult(params=initialize(init), lower_bound=lower_bound, init=init,
                                  initial=lower_bound))
 
-    def save(runs, states):
-        # Named by the iterations of all runs together, which every pass increases.
-        done = sum(run.n_iter for run in runs)
-        if checkpoint is not None and (
-            max(run.n_iter for run in runs) % checkpoint.every == 0
-            or all(_finished(r, max_iter) for r in runs)
-        ):
-            checkpoint.save(Snapshot(0, EMResult({}, -np.inf, n_iter=done), {}, runs=runs,
-                                     states=states))
-
+    save = snapshot_saver(checkpoint, max_iter)
     if resume is None:
         save(runs, states)
     tic = time.perf_counter()

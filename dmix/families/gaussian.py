@@ -389,38 +389,45 @@ class Gaussian:
             covariances = cov.estimate(nk, b, s2, reg)
             weights = nk / (np.sum(nk) if n_total is None else n_total)
             means = shift + b
-        collapsed = np.zeros(0, dtype=np.intp)
+        collapsed, prec_chol = np.zeros(0, dtype=np.intp), None
         if previous is not None:
-            collapsed = self._collapsed(nk, covariances, means.shape[1])
+            collapsed, prec_chol = self._collapsed(nk, covariances)
             if collapsed.size:
                 means, covariances = means.copy(), np.array(covariances, copy=True)
                 means[collapsed] = previous["means"][collapsed]
                 covariances[collapsed] = previous["covariances"][collapsed]
+                prec_chol = None
         params = {
             "weights": weights,
             "means": means,
             "covariances": covariances,
-            "precisions_cholesky": cov.precision_cholesky(covariances),
+            "precisions_cholesky": (cov.precision_cholesky(covariances) if prec_chol is None
+                                    else prec_chol),
         }
         return params, collapsed
 
-    def _collapsed(self, nk, covariances, n_features: int) -> np.ndarray:
+    def _collapsed(self, nk, covariances):
         """Indices of components with ``N_k < 1`` or a covariance that is not positive
-        definite; raises :class:`IllConditionedError` under ``on_collapse="raise"``, and where
-        re-seeding cannot help (a tied covariance, or every component collapsed)."""
+        definite, and the precision Cholesky factors when all are (else None); raises
+        :class:`IllConditionedError` under ``on_collapse="raise"``, and where re-seeding cannot
+        help (a tied covariance, or every component collapsed)."""
         cov, k = self.covariance, nk.shape[0]
         # With Normal-inverse-Wishart priors an empty component still has a posterior mode.
         defined = self.prior is not None and self.prior.has_mean and self.prior.has_covariance
         bad = np.zeros(k, dtype=bool) if defined else nk < 1
-        if not cov.tied:
-            for j in range(k):
+        try:
+            prec_chol = cov.precision_cholesky(covariances)  # one batched factorisation
+        except IllConditionedError:
+            if cov.tied:  # no component to re-seed
+                raise
+            prec_chol = None
+            for j in range(k):  # which ones failed
                 try:
-                    chol = cov.precision_cholesky(covariances[j : j + 1])
-                    bad[j] |= not np.all(np.isfinite(chol))
-                except (IllConditionedError, np.linalg.LinAlgError):
+                    cov.precision_cholesky(covariances[j : j + 1])
+                except IllConditionedError:
                     bad[j] = True
-        else:
-            cov.precision_cholesky(covariances)  # a tied covariance: no component to re-seed
+        if prec_chol is not None and not cov.tied:
+            bad |= ~np.isfinite(prec_chol.reshape(k, -1)).all(axis=1)
         idx = np.flatnonzero(bad)
         if idx.size and (self.on_collapse == "raise" or idx.size == k):
             j = int(idx[0])
@@ -432,7 +439,7 @@ class Gaussian:
                 "components collapsed). Use fewer components, increase reg_covar, scale the "
                 "input data" + (", or pass on_collapse='reseed' to re-seed collapsed "
                 "components from the rows the model explains worst." if idx.size < k else "."))
-        return idx
+        return idx, prec_chol
 
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
         new, collapsed = self._estimate(stats, _shift(params), previous=params)

@@ -48,6 +48,7 @@ __all__ = [
     "Loaded",
     "check_compatible",
     "data_fingerprint",
+    "data_location",
     "digest",
     "fingerprint_rows",
     "group_name",
@@ -85,6 +86,15 @@ def digest(array: np.ndarray) -> str:
 def fingerprint_rows(n_samples: int) -> list[int]:
     """The row indices hashed by :func:`data_fingerprint`: first, last, evenly spaced."""
     return sorted({int(round(i)) for i in np.linspace(0, n_samples - 1, FINGERPRINT_ROWS)})
+
+
+def data_location(X) -> str | None:
+    """Where ``X`` can be reopened by a resume: its URL, or its absolute path (a resume may run
+    from another directory); None for in-memory data."""
+    if not isinstance(X, str | os.PathLike):
+        return None
+    location = os.fspath(X)
+    return location if "://" in location else os.path.abspath(location)
 
 
 def data_fingerprint(array, description: str, location: str | None = None,
