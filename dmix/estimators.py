@@ -113,26 +113,26 @@ default='full'
         Classification EM: hard assignments to the most probable component;
         ``lower_bound_`` is then the mean classification log-likelihood.
     annealing : bool, default=False
-        Deterministic annealing: the responsibilities are ``softmax_k(nu log(w_k p_k(x)))``
-        with an inverse temperature ``nu`` rising geometrically from ``annealing_start`` at the
+        Deterministic annealing, a remedy for bad local optima. While annealing, the
+        responsibilities are ``softmax_k(nu log(w_k N(x | mu_k, S)))`` with one kernel
+        covariance ``S = annealing_start * C`` for every component (``C`` the covariance of
+        the data), so the E-step's covariance ``S / nu`` shrinks from ``C`` to ``S`` and the
+        components split as it passes each cluster's scale; the covariances are estimated
+        once ``nu`` reaches 1. ``nu`` rises geometrically from ``annealing_start`` at the
         first iteration to 1 at iteration ``annealing_iter`` (0-based):
         ``nu_t = annealing_start ** (1 - t / annealing_iter)``, then plain EM. ``annealing_iter``
-        must be below ``max_iter`` for the fit to end with plain EM. Convergence is not tested
-        while ``nu < 1``; ``lower_bound_`` and the recorded bounds are always the untempered
-        mean log-likelihood.
-    annealing_start : float in (0, 1], default=0.5
-        The first inverse temperature. Tempering by ``nu`` is an E-step with covariances
-        ``Sigma_k / nu``, and the M-step re-estimates the covariances from the broader
-        responsibilities: below a data-dependent threshold every component merges into the
-        global Gaussian, a state that stays stable while ``nu`` is small, so the fit ends
-        with the components (nearly) identical. A mild start keeps them apart and lets them
-        redistribute: on four 2-D clusters (sizes 300, 300, 300, 60;
-        ``init_params='random_from_data'``, 20 seeds) plain EM reached the best
-        log-likelihood in 13 runs, ``annealing_start`` 0.3 to 0.7 in 14 or 15, and 0.1 or
-        0.2 (0.1 is the ``mixes`` package's default) in none. Raise it if components merge.
-        It is no general cure for local optima: on three 2-D clusters with a small fourth
-        (20 seeds) plain EM reached the best mode 7 times, annealing from 0.5 never and from
-        0.7 four times; restarts (``n_init``) are the reliable remedy.
+        must be below ``max_iter`` for the fit to end with plain EM. Convergence is tested
+        from the second iteration at ``nu = 1`` on; ``lower_bound_`` and the recorded bounds
+        are always the untempered mean log-likelihood. Measured with
+        ``init_params='random_from_data'``, full covariances, 20 seeds, runs reaching the best
+        log-likelihood, plain EM vs annealing from 0.1: three 2-D clusters in a row with a
+        small fourth 6 vs 19; six 5-D clusters of sizes 400 to 40, 3 vs 16; four 2-D clusters
+        13 vs 14. Not with ``cem`` or ``missing='marginalize'``.
+    annealing_start : float in (0, 1], default=0.1
+        The first inverse temperature, and the ratio of the kernel to the data's covariance:
+        about the ratio of a cluster's spread to the whole data's. Smaller values resolve
+        closer clusters and need more iterations. From 0.01 to 0.2 the counts above changed
+        little (row: 17 to 19; 5-D: 13 to 16).
     annealing_iter : int, optional
         Iterations of the schedule; default ``max(1, max_iter // 2)``.
     stopping_criterion : str or callable, default='tol'
@@ -201,7 +201,7 @@ default='full'
         var_regularization=0.0,
         cem=False,
         annealing=False,
-        annealing_start=0.5,
+        annealing_start=0.1,
         annealing_iter=None,
         stopping_criterion="tol",
         on_collapse="reseed",

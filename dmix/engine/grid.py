@@ -74,7 +74,7 @@ def run_em_many(families, data, runs: list[EMResult], states: list[State] | None
     active = [i for i, run in enumerate(runs) if not _finished(run, max_iter)]
     while active:
         tic = time.perf_counter()
-        steps = [step_family(families[i], runs[i]) for i in active]
+        steps = [step_family(families[i], runs[i].n_iter) for i in active]
         stats = estep_pass_many(steps, data, [runs[i].params for i in active], source=source,
                                 **passes)
         for i, step, part in zip(active, steps, stats, strict=True):

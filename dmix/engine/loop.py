@@ -258,9 +258,13 @@ class Checkpointer(Protocol):
     def save(self, snapshot: Snapshot) -> None: ...
 
 
-def step_family(family, result: EMResult):
-    """The family for the E-step of ``result``'s next iteration (annealing changes it)."""
-    return family.for_iteration(result.n_iter) if hasattr(family, "for_iteration") else family
+def step_family(family, iteration: int):
+    """The family for the E-step of iteration ``iteration`` (annealing changes it)."""
+    return family.for_iteration(iteration) if hasattr(family, "for_iteration") else family
+
+
+def _tempered(step) -> bool:
+    return bool(getattr(step, "tempered", False))
 
 
 def complete_iteration(family, step, data, result: EMResult, stats: Stats, state: State, *,
@@ -271,7 +275,7 @@ def complete_iteration(family, step, data, result: EMResult, stats: Stats, state
     ``step`` is the family the E-step ran with (``family`` at this iteration's temperature).
     """
     previous_params = result.params
-    params, state = family.mstep(previous_params, stats, state)
+    params, state = step.mstep(previous_params, stats, state)
     collapsed = state.pop("collapsed", ())
     if len(collapsed):
         rows = worst_rows(family, data, previous_params, len(collapsed), **passes)
@@ -289,9 +293,11 @@ def complete_iteration(family, step, data, result: EMResult, stats: Stats, state
     result.n_iter += 1
     result.n_reseeded += len(collapsed)
     result.seconds.append(time.perf_counter() - tic)
-    # No convergence while annealing or right after a re-seed: the objective moved for
-    # another reason than EM's ascent.
-    if not getattr(step, "tempered", False) and not len(collapsed):
+    # No convergence while annealing, on the first iteration after it (its change is
+    # measured from a tempered iteration's bound) or right after a re-seed: the objective
+    # moved for another reason than EM's ascent.
+    if not (_tempered(step) or _tempered(step_family(family, result.n_iter - 2))
+            or len(collapsed)):
         reason = stop_reason(stop, FitHistory(result.lower_bounds, result.seconds, tol,
                                               result.initial))
         result.converged = reason is Stop.CONVERGED
@@ -341,7 +347,7 @@ def run_em(
     passes = dict(split_every=split_every, client=client, compute=compute)
     while not _finished(result, max_iter):
         tic = time.perf_counter()
-        step = step_family(family, result)
+        step = step_family(family, result.n_iter)
         stats = estep_pass(step, data, result.params, source=source, **passes)
         state = complete_iteration(family, step, data, result, stats, state, tol=tol,
                                    stop=stop, passes=passes, tic=tic, monitor=monitor)

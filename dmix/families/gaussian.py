@@ -32,21 +32,22 @@ Variants of the E-step, each a field of the family (sections 1.5, 1.6):
 * ``cem``: classification EM. Responsibilities are one-hot at ``argmax_k l_ik`` (the lowest
   index on ties) and ``loglik`` is the classification log-likelihood ``sum_i max_k l_ik``, the
   objective CEM increases.
-* ``inverse_temperature`` ``nu < 1``: deterministic annealing (Ueda and Nakano's DAEM).
-  Responsibilities are ``softmax_k(nu l_ik)`` with ``l_ik = log w_k + log N(x_i | mu_k,
-  Sigma_k)`` (weights and densities both tempered); ``loglik`` stays the untempered
-  log-likelihood. At fixed ``nu`` EM then increases ``F_nu = sum_i logsumexp_k(nu l_ik) / nu``
-  (section 1.6). The schedule of ``nu`` is :meth:`Gaussian.for_iteration`. For a Gaussian,
-  ``nu l_ik`` is (up to per-component constants) the log-density with covariance
-  ``Sigma_k / nu``, and the M-step re-estimates ``Sigma_k`` from the broader responsibilities:
-  at small ``nu`` all components merge into the global Gaussian. Linearised there, a small
-  difference between components is multiplied per iteration by ``nu`` times a factor from the
-  data's third and fourth moments (measured: 1.4 on three 2-D clusters; the first iteration
-  gives exactly ``nu`` for the means), so below a data-dependent ``nu`` the merged state is
-  stable: perturbations of the merged means decay before ``nu`` reaches 1, exactly identical
-  components stay identical, and at ``nu = 1`` the run starts at a saddle where the
-  log-likelihood barely changes. Annealing must start above the data's merge threshold (the
-  estimator's default ``annealing_start`` is 0.5, not the ``mixes`` package's 0.1).
+* ``inverse_temperature`` ``nu < 1``: deterministic annealing. Responsibilities are
+  ``softmax_k(nu l_ik)`` with ``l_ik = log w_k + log N(x_i | mu_k, Sigma_k)`` (weights and
+  densities both tempered, as in Ueda and Nakano's DAEM); ``loglik`` stays the untempered
+  log-likelihood. Tempering alone does not anneal a Gaussian mixture: ``nu l_ik`` is the
+  log-density with covariance ``Sigma_k / nu``, the M-step re-estimates ``Sigma_k`` from the
+  broader responsibilities, and the components merge into the global Gaussian, a fixed point
+  that stays stable up to ``nu = 1`` (measured: fits from ``nu = 0.1`` ended with every
+  component identical). So, as in Rose's deterministic annealing for clustering, the
+  covariances do not follow the data while tempered: the M-step moves the means and weights
+  and sets every covariance to the *kernel* ``annealing_start * C`` (``C`` the covariance of
+  all the data in the model's structure, from the same statistics). From the second
+  iteration on (the first tempers the initial parameters), the E-step's covariance
+  ``annealing_start * C / nu`` shrinks from ``C``, where the data look like one cluster, to
+  ``annealing_start * C`` at ``nu = 1``; components split as it passes each cluster's scale.
+  The first plain iteration starts from the kernel and estimates the covariances. The
+  schedule of ``nu`` is :meth:`Gaussian.for_iteration`.
 * ``missing="marginalize"``: batches with NaN entries go through
   :mod:`dmix.families.missing` (the exact E-step of incomplete-data EM; plain EM and MAP only).
 * ``weighted``: the last column of a block holds the rows' weights ``w_i >= 0``; statistics are
@@ -441,8 +442,31 @@ class Gaussian:
                 "components from the rows the model explains worst." if idx.size < k else "."))
         return idx, prec_chol
 
+    def _annealing_covariances(self, stats: Stats, n_components: int) -> np.ndarray:
+        """The kernel of the hot phase: ``annealing_start`` times the covariance of all the
+        data in this structure, plus ``reg_covar + var_regularization``, for every component.
+
+        Responsibilities sum to one per row, so the statistics summed over components are the
+        data's own (``n``, ``sum x``, ``sum Q(x)``): no extra pass.
+        """
+        cov = self.covariance
+        n = np.sum(stats["nk"])
+        b = np.sum(stats["s1"], axis=0)[None] / n
+        s2 = cov.from_quadratic(np.sum(np.asarray(stats["s2"]), axis=0)[:, None])
+        # estimate() adds its regularisation before the scaling: nu0 (C + reg / nu0).
+        nu0 = self.annealing_start
+        reg = (self.reg_covar + self.var_regularization) / nu0
+        kernel = nu0 * cov.estimate(np.array([n]), b, s2, reg)
+        if cov.tied:
+            return kernel
+        return np.broadcast_to(kernel, (n_components,) + kernel.shape[1:]).copy()
+
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
         new, collapsed = self._estimate(stats, _shift(params), previous=params)
+        if self.tempered:  # the hot phase: means and weights move, the kernel stays
+            covs = self._annealing_covariances(stats, params["means"].shape[0])
+            new = {**new, "covariances": covs,
+                   "precisions_cholesky": self.covariance.precision_cholesky(covs)}
         if collapsed.size:
             state = {**state, "collapsed": collapsed}
         return new, state
