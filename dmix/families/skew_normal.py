@@ -68,6 +68,14 @@ from typing import ClassVar
 import numpy as np
 
 from dmix.errors import DataError, IllConditionedError, InvalidParameterError
+from dmix.families._skew_ecm import (
+    data_covariance,
+    ecm_update,
+    not_positive_definite,
+    precision_cholesky,
+    sqrt_and_inverse_sqrt,
+    zero_skew_start,
+)
 from dmix.families._truncated import (
     LATTICE_POINTS,
     MAX_LATTICE_DIM,
@@ -85,73 +93,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 #: Largest D of the unrestricted form (see dmix.families._truncated for the accuracy).
 MAX_UNRESTRICTED_FEATURES = MAX_LATTICE_DIM
 _FORMS = ("restricted", "unrestricted")
-
-
-def _precision_cholesky(covariances: np.ndarray) -> np.ndarray:
-    """Upper ``U`` with ``Sigma^{-1} = U U^T`` (scikit-learn's ``precisions_cholesky_``)."""
-    chol = np.linalg.cholesky(covariances)
-    eye = np.broadcast_to(np.eye(covariances.shape[-1]), covariances.shape)
-    return np.swapaxes(np.linalg.solve(chol, eye), -1, -2)
-
-
-def _sqrt_and_inverse_sqrt(covariances: np.ndarray):
-    """Symmetric ``Sigma^{1/2}`` and ``Sigma^{-1/2}`` (K, D, D), from one eigendecomposition."""
-    values, vectors = np.linalg.eigh(covariances)
-    root = np.sqrt(values)[:, None, :]
-    vt = np.swapaxes(vectors, 1, 2)
-    return (vectors * root) @ vt, (vectors / root) @ vt
-
-
-def _deltas(covariances: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-    """Restricted ``Delta = Sigma^{1/2} lambda / sqrt(1 + lambda^T lambda)`` (K, D)."""
-    root, _ = _sqrt_and_inverse_sqrt(covariances)
-    delta = shapes / np.sqrt(1.0 + np.sum(shapes * shapes, axis=1))[:, None]
-    return np.einsum("kij,kj->ki", root, delta)
-
-
-def _first_bad(mats: np.ndarray) -> np.ndarray:
-    """Boolean (K,): matrices that are not finite and positive definite (Cholesky fails)."""
-    bad = np.zeros(mats.shape[0], dtype=bool)
-    for j, m in enumerate(mats):
-        try:
-            bad[j] = not np.all(np.isfinite(np.linalg.cholesky(m)))
-        except np.linalg.LinAlgError:
-            bad[j] = True
-    return bad
-
-
-def _moment_start(restricted: bool, mean, cov, gamma):
-    """Location, scale and skewness of one component with the given mean, covariance and
-    coordinatewise skewness ``gamma`` (method of moments per coordinate).
-
-    A coordinate of either form is a univariate skew-normal with standardised ``d = delta /
-    omega``, whose skewness is ``(4 - pi) / 2 b^3 / (1 - b^2)^{3/2}``, ``b = sqrt(2/pi) d``;
-    solved for ``d``, with ``|d| <= 0.95``. Restricted: ``Delta_j = d_j sqrt(Sigma_jj)``,
-    ``Sigma = cov + (2/pi) Delta Delta^T`` (``Delta`` shrunk so that ``Delta^T Sigma^{-1}
-    Delta < 1``); unrestricted: ``delta_j = d_j omega_j``, ``Sigma = cov - (1 - 2/pi)
-    diag(delta^2)`` (``delta`` halved until it is positive definite); location ``mean -
-    sqrt(2/pi) Delta``.
-    """
-    c = 2.0 / math.pi
-    r = np.cbrt(2.0 * gamma / (4.0 - math.pi))
-    d = np.clip(r / np.sqrt(1.0 + r * r) / math.sqrt(c), -0.95, 0.95)
-    var = np.diagonal(cov)
-    loading = d * np.sqrt(var / (1.0 - c * d * d))  # Delta_j (restricted), delta_j (SDB)
-    if restricted:
-        s = loading @ np.linalg.solve(cov, loading)  # Delta^T Sigma^{-1} Delta = s / (1 + c s)
-        loading = loading * min(1.0, math.sqrt(2.5 / s)) if s > 0 else loading
-        sigma = cov + c * np.outer(loading, loading)
-        _, inv_root = _sqrt_and_inverse_sqrt(sigma[None])
-        inner = loading @ np.linalg.solve(sigma, loading)
-        skew = inv_root[0] @ loading / math.sqrt(1.0 - inner)
-    else:
-        for _ in range(40):
-            sigma = cov - (1.0 - c) * np.diag(loading * loading)
-            if not _first_bad(sigma[None])[0]:
-                break
-            loading = 0.5 * loading
-        skew = loading
-    return mean - math.sqrt(c) * loading, sigma, skew
 
 
 @dataclass(frozen=True)
@@ -280,13 +221,13 @@ class SkewNormal:
                 f"form='unrestricted' supports at most {MAX_UNRESTRICTED_FEATURES} features "
                 f"(its E-step integrates a D-dimensional truncated normal per row); got "
                 f"D = {d}. Use form='restricted'.")
-        bad = _first_bad(covariances)
+        bad = not_positive_definite(covariances)
         if np.any(bad):
             raise InvalidParameterError(
                 f"covariances[{int(np.argmax(bad))}] is not symmetric positive definite.")
         covariances = 0.5 * (covariances + np.swapaxes(covariances, 1, 2))
         return {"weights": weights, "means": means, "covariances": covariances,
-                self.skew_key: skew, "precisions_cholesky": _precision_cholesky(covariances)}
+                self.skew_key: skew, "precisions_cholesky": precision_cholesky(covariances)}
 
     def params_from_gaussian(self, weights, means, covariances) -> Params:
         """Parameters with zero skewness from a Gaussian mixture's (k-means or a GMM fit):
@@ -313,7 +254,7 @@ class SkewNormal:
         k, d = params["means"].shape
         if self._restricted:
             shapes = params["shapes"]
-            _, inv_root = _sqrt_and_inverse_sqrt(cov)
+            _, inv_root = sqrt_and_inverse_sqrt(cov)
             a = np.einsum("kij,kj->ki", inv_root, shapes)
             scale = 1.0 / np.sqrt(1.0 + np.sum(shapes * shapes, axis=1))
             prec = params["precisions_cholesky"]
@@ -321,7 +262,7 @@ class SkewNormal:
         else:
             delta = params["skewness"]
             omega = cov + delta[:, :, None] ** 2 * np.eye(d)
-            prec = _precision_cholesky(omega)
+            prec = precision_cholesky(omega)
             a = (prec @ np.swapaxes(prec, 1, 2)) * delta[:, None, :]  # Omega^{-1} Delta
             theta = np.eye(d) - delta[:, :, None] * a
             scale = 0.5 * (theta + np.swapaxes(theta, 1, 2))
@@ -440,113 +381,19 @@ class SkewNormal:
 
     # -- driver side ------------------------------------------------------------------------
 
-    def _ecm(self, params: Params, stats: Stats):
-        """The CM-steps; returns ``(means, scales, skew, check)``, ``check`` the matrices whose
-        positive definiteness decides a collapse (``Gamma`` or ``Sigma``)."""
-        shift = params["means"]
-        k, d = shift.shape
-        nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10
-        y_sum, yy_sum = np.asarray(stats["y_sum"]), np.asarray(stats["yy_sum"])
-        t1_sum, yt1_sum, t2_sum = (np.asarray(stats[key]) for key in
-                                   ("t1_sum", "yt1_sum", "t2_sum"))
-        reg = (self.reg_covar + self.var_regularization) * np.eye(d)
-        if self._restricted:
-            old = _deltas(params["covariances"], params["shapes"])
-            m = (y_sum - old * t1_sum[:, None]) / nk[:, None]  # mu - c
-            b = yt1_sum - m * t1_sum[:, None]  # sum r t1 (y - m)
-        else:
-            old = params["skewness"]
-            m = (y_sum - old * t1_sum) / nk[:, None]  # xi - c
-            b = yt1_sum - m[:, :, None] * t1_sum[:, None, :]  # sum r (y - m) t1^T
-        # Scatter about the new location: S_yy - m S_y^T - S_y m^T + N m m^T.
-        scatter = (yy_sum - m[:, :, None] * y_sum[:, None, :] - y_sum[:, :, None] * m[:, None, :]
-                   + nk[:, None, None] * m[:, :, None] * m[:, None, :])
-        if self._restricted:
-            # Delta = B / S_t2, Gamma = (S - Delta B^T - B Delta^T + S_t2 Delta Delta^T) / N
-            #       = (S - B B^T / S_t2) / N.
-            t2 = t2_sum + _EPS10
-            delta = b / t2[:, None]
-            gamma = (scatter - b[:, :, None] * b[:, None, :] / t2[:, None, None]) / nk[:, None,
-                                                                                          None]
-            gamma = 0.5 * (gamma + np.swapaxes(gamma, 1, 2)) + reg
-            bad = _first_bad(gamma)
-            safe = np.where(bad[:, None, None], np.eye(d), gamma)
-            # lambda = Sigma^{-1/2} Delta / sqrt(1 - Delta^T Sigma^{-1} Delta), and that root is
-            # sqrt(1 + Delta^T Gamma^{-1} Delta): no cancellation as |delta| -> 1.
-            s = np.einsum("ki,ki->k", delta, np.linalg.solve(safe, delta[:, :, None])[:, :, 0])
-            sigma = safe + delta[:, :, None] * delta[:, None, :]
-            _, inv_root = _sqrt_and_inverse_sqrt(sigma)
-            skew = np.einsum("kij,kj->ki", inv_root, delta) * np.sqrt(1.0 + s)[:, None]
-            return shift + m, sigma, skew, bad
-        # Sigma = (S - Delta B^T - B Delta + Delta S_t2 Delta) / N with the old Delta.
-        sigma = (scatter - old[:, :, None] * np.swapaxes(b, 1, 2) - b * old[:, None, :]
-                 + old[:, :, None] * t2_sum * old[:, None, :]) / nk[:, None, None]
-        sigma = 0.5 * (sigma + np.swapaxes(sigma, 1, 2)) + reg
-        bad = _first_bad(sigma)
-        safe = np.where(bad[:, None, None], np.eye(d), sigma)
-        # delta = (Sigma^{-1} o S_t2)^{-1} diag(Sigma^{-1} B): the Hadamard product needs the
-        # entries of Sigma^{-1}, solved from the Cholesky factor of the new Sigma.
-        precision = np.linalg.solve(safe, np.broadcast_to(np.eye(d), safe.shape))
-        rhs = np.einsum("kij,kji->ki", precision, b)
-        skew = np.linalg.solve(precision * t2_sum, rhs[:, :, None])[:, :, 0]
-        return shift + m, sigma, skew, bad
-
-    def _escape_zero_skew(self, params: Params, stats: Stats, means, sigma, skew):
-        """Components whose skewness is exactly zero get a method-of-moments start instead of
-        the ECM update (:func:`_moment_start`, from the third moments ``y3_sum``).
-
-        Zero skewness is a stationary point of both forms: the latent's posterior moments do
-        not depend on the row (``A = 0`` or ``q = 0``), so the skewness update is zero again,
-        and EM from :meth:`params_from_gaussian` would stay Gaussian forever.
-        """
-        zero = np.flatnonzero(np.all(params[self.skew_key] == 0, axis=1))
-        nk = np.asarray(stats["nk"], dtype=np.float64)
-        zero = zero[nk[zero] > 1]
-        if not zero.size:
-            return means, sigma, skew
-        means, sigma, skew = means.copy(), sigma.copy(), np.array(skew, copy=True)
-        d = means.shape[1]
-        reg = (self.reg_covar + self.var_regularization) * np.eye(d)
-        for j in zero:
-            b = np.asarray(stats["y_sum"][j]) / nk[j]
-            second = np.asarray(stats["yy_sum"][j]) / nk[j]
-            cov = second - np.outer(b, b)
-            sq = np.diagonal(second)
-            third = np.asarray(stats["y3_sum"][j]) / nk[j] - 3.0 * b * sq + 2.0 * b**3
-            var = np.diagonal(cov)
-            gamma = np.where(var > 0, third / np.maximum(var, 1e-300) ** 1.5, 0.0)
-            if _first_bad((cov + reg)[None])[0]:
-                continue  # the collapse test below decides
-            means[j], sigma[j], skew[j] = _moment_start(
-                self._restricted, params["means"][j] + b, cov + reg, gamma)
-        return means, sigma, skew
-
-    def _data_covariance(self, params: Params, stats: Stats) -> np.ndarray:
-        """The covariance of all the rows from the per-component statistics (responsibilities
-        sum to 1 per row), about the data mean ``p``: ``sum_k [S_yy - S_y d^T - d S_y^T + N_k
-        d d^T] / n`` with ``d = p - c_k``."""
-        nk = np.asarray(stats["nk"], dtype=np.float64)
-        y_sum, shift = np.asarray(stats["y_sum"]), params["means"]
-        total = np.sum(nk)
-        mean = np.sum(nk[:, None] * shift + y_sum, axis=0) / total
-        dev = mean - shift
-        scatter = (np.asarray(stats["yy_sum"]) - y_sum[:, :, None] * dev[:, None, :]
-                   - dev[:, :, None] * y_sum[:, None, :]
-                   + nk[:, None, None] * dev[:, :, None] * dev[:, None, :])
-        return np.sum(scatter, axis=0) / total
-
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
-        means, sigma, skew, bad = self._ecm(params, stats)
+        reg = self.reg_covar + self.var_regularization
+        means, sigma, skew, bad = ecm_update(self._restricted, params, stats, reg)
         nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10
         weights = nk / np.sum(nk)
         k, d = means.shape
         if self.tempered:  # the hot phase: locations and weights move, the kernel stays
-            reg = self.reg_covar + self.var_regularization
-            kernel = self.annealing_start * self._data_covariance(params, stats) + reg * np.eye(d)
+            kernel = self.annealing_start * data_covariance(params, stats) + reg * np.eye(d)
             sigma = np.broadcast_to(kernel, (k, d, d)).copy()
-            skew, bad = params[self.skew_key], _first_bad(sigma)
+            skew, bad = params[self.skew_key], not_positive_definite(sigma)
         else:
-            means, sigma, skew = self._escape_zero_skew(params, stats, means, sigma, skew)
+            means, sigma, skew = zero_skew_start(self._restricted, self.skew_key, params, stats,
+                                                 means, sigma, skew, reg)
         bad |= (nk < 1) | ~np.all(np.isfinite(means), axis=1) | ~np.all(np.isfinite(skew), axis=1)
         collapsed = np.flatnonzero(bad)
         if collapsed.size and (self.on_collapse == "raise" or collapsed.size == k):
@@ -567,7 +414,7 @@ class SkewNormal:
         sigma = 0.5 * (sigma + np.swapaxes(sigma, 1, 2))
         new = {"weights": weights, "means": means, "covariances": sigma,
                self.skew_key: np.asarray(skew, dtype=np.float64),
-               "precisions_cholesky": _precision_cholesky(sigma)}
+               "precisions_cholesky": precision_cholesky(sigma)}
         return new, state
 
     def objective(self, params: Params, stats: Stats) -> float:
@@ -627,7 +474,7 @@ class SkewNormal:
         if self._restricted:
             shapes = params["shapes"]
             delta = shapes / np.sqrt(1.0 + np.sum(shapes * shapes, axis=1))[:, None]
-            root, _ = _sqrt_and_inverse_sqrt(cov)
+            root, _ = sqrt_and_inverse_sqrt(cov)
             dd = np.sum(delta * delta, axis=1)
             r = np.eye(d) - (delta[:, :, None] * delta[:, None, :]
                              / (1.0 + np.sqrt(1.0 - dd))[:, None, None])
