@@ -3,5 +3,13 @@
 from dmix.families.base import Family, tree_add
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
+from dmix.families.skew_normal import SkewNormal
 
-__all__ = ["COVARIANCE_TYPES", "Family", "Gaussian", "get_covariance", "tree_add"]
+__all__ = [
+    "COVARIANCE_TYPES",
+    "Family",
+    "Gaussian",
+    "SkewNormal",
+    "get_covariance",
+    "tree_add",
+]

@@ -229,7 +229,9 @@ class SkewNormal:
                 f"form='unrestricted' supports at most {MAX_UNRESTRICTED_FEATURES} features "
                 f"(its E-step integrates a D-dimensional truncated normal per row); got "
                 f"D = {d}. Use form='restricted'.")
-        bad = not_positive_definite(covariances)
+        asymmetry = np.abs(covariances - np.swapaxes(covariances, 1, 2)).max(axis=(1, 2))
+        bad = not_positive_definite(covariances) | (
+            asymmetry > 1e-10 * np.abs(covariances).max(axis=(1, 2)))
         if np.any(bad):
             raise InvalidParameterError(
                 f"covariances[{int(np.argmax(bad))}] is not symmetric positive definite.")
@@ -239,7 +241,9 @@ class SkewNormal:
 
     def params_from_gaussian(self, weights, means, covariances) -> Params:
         """Parameters with zero skewness from a Gaussian mixture's (k-means or a GMM fit):
-        the skew-normal components are then exactly those Gaussians."""
+        the skew-normal components are then exactly those Gaussians. The first M-step starts
+        their skewness from the data's third moments (zero skewness is a fixed point of ECM;
+        see the module docstring)."""
         return self.make_params(weights, means, covariances)
 
     def n_parameters(self, params: Params) -> int:
@@ -316,6 +320,8 @@ class SkewNormal:
         return y, wlp, t1, t2
 
     def estep(self, params: Params, x, xp, workspace: Workspace | None = None) -> Stats:
+        """Statistics of block ``x`` (n, D) at ``params`` (see the module docstring), float64
+        NumPy arrays whatever the namespace of ``x``."""
         ws = workspace or Workspace()
         with quiet_nonfinite(xp):  # non-finite rows are counted below and reported
             y, wlp, t1, t2 = self._component_terms(params, x, xp, ws, latent=True)
@@ -357,24 +363,30 @@ class SkewNormal:
                 for key, value in stats.items()}
 
     def combine(self, a: Stats, b: Stats) -> Stats:
+        """Key-wise sum: every statistic is additive over rows."""
         return tree_add(a, b)
 
     def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
-        # y, z, the (K, n) terms, and t1, t2; the unrestricted latent's integration per row:
-        # the lattice's points (D >= 3) or the bivariate tail rule's nodes (D = 2).
+        """Bytes of E-step temporaries per row (float64), for the engine's sub-batches."""
+        # y, z, y * r, the (K, n) terms; unrestricted also t1, t2, q and the integration of
+        # one component's latent per row: the lattice (w, tau, tau * weight and about eight
+        # (n, points) arrays, D >= 3) or the bivariate tail rule (about eight 141-node arrays).
         d, k = n_features, n_components
         per_row = k * (3 * d + 10)
         if not self._restricted:
-            per_row += k * (2 * d + d * d) + (LATTICE_POINTS * (2 * d + 4) if d >= 3 else 6 * 141)
+            per_row += k * (3 * d + 2 * d * d)
+            per_row += LATTICE_POINTS * (3 * d + 8) if d >= 3 else 8 * 141
         return 8 * per_row
 
     def log_density(self, params: Params, x, xp, workspace: Workspace | None = None):
+        """``log p(x)`` per row, shape (n,)."""
         with quiet_nonfinite(xp):  # the caller reports non-finite rows
             _, wlp, _, _ = self._component_terms(params, x, xp, workspace or Workspace(),
                                                  latent=False)
             return normalize_log(wlp, wlp, xp, axis=0)
 
     def predict_proba(self, params: Params, x, xp, workspace: Workspace | None = None):
+        """Posterior component probabilities per row, shape (n, K) (untempered)."""
         with quiet_nonfinite(xp):  # the caller reports non-finite rows
             _, wlp, _, _ = self._component_terms(params, x, xp, workspace or Workspace(),
                                                  latent=False)
@@ -390,6 +402,9 @@ class SkewNormal:
     # -- driver side ------------------------------------------------------------------------
 
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
+        """The ECM update from the summed statistics (:func:`~dmix.families._skew_ecm.
+        ecm_update`), the annealing kernel while tempered, the moment start for components of
+        zero skewness, and the collapse policy (see the module docstring)."""
         reg = self.reg_covar + self.var_regularization
         means, sigma, skew, bad = ecm_update(self._restricted, params, stats, reg)
         nk = np.asarray(stats["nk"], dtype=np.float64) + _EPS10

@@ -463,6 +463,8 @@ def test_bad_parameters_and_data():
         RESTRICTED.make_params(**good, skew=np.zeros(2))
     with pytest.raises(InvalidParameterError, match=r"covariances\[1\] is not symmetric positive"):
         RESTRICTED.make_params(good["weights"], good["means"], [np.eye(2), -np.eye(2)])
+    with pytest.raises(InvalidParameterError, match=r"covariances\[0\] is not symmetric positive"):
+        RESTRICTED.make_params(good["weights"], good["means"], [[[1, 0.5], [0, 1]], np.eye(2)])
     with pytest.raises(InvalidParameterError, match="weights must be positive and sum to 1"):
         RESTRICTED.make_params([0.5, 0.6], good["means"], good["covariances"])
     with pytest.raises(InvalidParameterError, match="skewness must be finite"):
@@ -475,6 +477,24 @@ def test_bad_parameters_and_data():
         RESTRICTED.estep(params, np.zeros((4, 3)), np)
     with pytest.raises(InvalidParameterError, match="'n_samples': 0"):
         RESTRICTED.sample(params, 0, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("family, d", [(RESTRICTED, 3), (UNRESTRICTED, 2), (UNRESTRICTED, 3)],
+                         ids=["restricted", "unrestricted-2d", "unrestricted-3d"])
+def test_nonfinite_rows_are_counted_and_zeroed(family, d):
+    """Rows with NaN or inf: counted in n_nonfinite, and the other statistics are those of the
+    finite rows (n still counts every row)."""
+    params = true_params(family, d, 2)
+    x, _ = family.sample(params, 30, np.random.default_rng(0))
+    bad = x.copy()
+    bad[3, 0], bad[17, -1] = np.nan, np.inf
+    keep = np.ones(len(x), dtype=bool)
+    keep[[3, 17]] = False
+    got, expected = family.estep(params, bad, np), family.estep(params, x[keep], np)
+    assert got["n_nonfinite"] == 2 and got["n"] == 30
+    for key in expected:
+        if key not in ("n", "n_nonfinite"):
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-12, atol=1e-12, err_msg=key)
 
 
 def test_unrestricted_refuses_other_namespaces():
