@@ -3,7 +3,15 @@
 
 from __future__ import annotations
 
-__all__ = ["estimator_classes"]
+__all__ = ["MODELS", "estimator_classes"]
+
+#: ``dmix fit --model NAME``: the estimator class of each model name.
+MODELS = {
+    "gmm": "GaussianMixture",
+    "skew": "SkewNormalMixture",
+    "dgmm": "DeepGaussianMixture",
+    "gmn": "GaussianMixtureNetwork",
+}
 
 
 def estimator_classes() -> dict[str, type]:

@@ -28,7 +28,6 @@ from dmix.cli._common import (
 )
 from dmix.datasets import make_mixture, match_components
 from dmix.errors import DmixError
-from dmix.estimators import GaussianMixture
 from dmix.estimators import resume as dmix_resume
 from dmix.families.base import family_spec
 from dmix.families.gaussian import Gaussian
@@ -97,13 +96,35 @@ def _cmd_make_data(args) -> int:
 # -- fit -------------------------------------------------------------------------------------
 
 
+def _model(args):
+    """The estimator class of ``--model`` and its own options."""
+    from dmix._registry import MODELS, estimator_classes
+
+    cls = estimator_classes().get(MODELS[args.model])
+    if cls is None:
+        raise DmixError(f"--model {args.model}: this version of dmix does not have it.")
+    deep = args.model in ("dgmm", "gmn")
+    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims)):
+        if value is not None and not deep:
+            raise DmixError(f"{flag} is an option of --model dgmm and gmn, not {args.model}.")
+    if args.model == "gmm":
+        return cls, {"covariance_type": args.covariance_type}
+    if args.covariance_type != "full":
+        raise DmixError(f"--covariance-type is an option of --model gmm, not {args.model}.")
+    if args.model == "skew":
+        return cls, {"form": args.skew_form}
+    return cls, {k: v for k, v in (("layer_sizes", args.layer_sizes),
+                                   ("layer_dims", args.layer_dims)) if v is not None}
+
+
 def _estimator(args, client):
     resume = getattr(args, "resume", False)
     if args.seed is None and not resume:  # draw one, so that it is printed and saved
         args.seed = seed_sequence_int(None) % 2**32
         _say(f"Seed: {args.seed} (pass --seed {args.seed} to repeat this fit)")
-    return GaussianMixture(
-        n_components=args.n_components, covariance_type=args.covariance_type, tol=args.tol,
+    cls, own = _model(args)
+    return cls(
+        **own, n_components=args.n_components, tol=args.tol,
         reg_covar=args.reg_covar, max_iter=args.max_iter, n_init=args.n_init,
         init_params=args.init_params, random_state=args.seed, chunk_size=args.chunk_size,
         client=client, split_every=args.split_every,
