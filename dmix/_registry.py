@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MODELS", "estimator_classes"]
+__all__ = ["MODELS", "estimator_classes", "family_defaults"]
 
 #: ``dmix fit --model NAME``: the estimator class of each model name.
 MODELS = {
@@ -20,3 +20,17 @@ def estimator_classes() -> dict[str, type]:
     from dmix.estimators import GaussianMixture
 
     return {cls.__name__: cls for cls in (GaussianMixture,)}
+
+
+def family_defaults(name: str) -> dict:
+    """The default hyperparameters of the family called ``name`` (``{}`` if unknown)."""
+    import dataclasses
+
+    from dmix.families.gaussian import Gaussian
+
+    classes = {cls.name: cls for cls in (Gaussian,)}
+    cls = classes.get(name)
+    if cls is None:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}

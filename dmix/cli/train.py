@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import zarr
 
+from dmix._registry import family_defaults
 from dmix.cli._common import (
     ProgressMonitor,
     _add_cluster_options,
@@ -29,8 +30,6 @@ from dmix.cli._common import (
 from dmix.datasets import make_mixture, match_components
 from dmix.errors import DmixError
 from dmix.estimators import resume as dmix_resume
-from dmix.families.base import family_spec
-from dmix.families.gaussian import Gaussian
 from dmix.io.checkpoint import CheckpointDir
 from dmix.io.model import save_model
 from dmix.io.source import as_source
@@ -225,7 +224,7 @@ def _cmd_resume(args) -> int:
 
 def _cmd_info(args) -> int:
     family, params, attrs = read_model(args.model)
-    defaults = family_spec(Gaussian())
+    defaults = family_defaults(family.get("name"))
     weights = np.asarray(params.get("weights", []))
     means = np.asarray(params.get("means", np.empty((0, 0))))
     k = weights.shape[0]
@@ -344,8 +343,8 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr group")
     p.set_defaults(func=_cmd_make_data)
 
-    p = sub.add_parser("fit", help="fit a Gaussian mixture to a Zarr array",
-                       description="Fit a Gaussian mixture by EM to the Zarr array DATA (or "
+    p = sub.add_parser("fit", help="fit a mixture model to a Zarr array",
+                       description="Fit a mixture model (--model) by EM to the Zarr array DATA (or "
                                    "the array X of the group DATA) on a Dask cluster.")
     p.add_argument("data", metavar="DATA.zarr", help="path or URL of a Zarr array or group")
     p.add_argument("--array", metavar="NAME",
