@@ -19,6 +19,7 @@ functions here turn them into the sums of posterior moments that each layer's re
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -32,7 +33,9 @@ __all__ = [
     "factor_scores",
     "fit_layer",
     "layer_sums",
+    "params_from_clusters",
     "path_components",
+    "path_gains",
     "path_structure",
     "regression_update",
 ]
@@ -69,7 +72,7 @@ def check_layers(layer_sizes, layer_dims, owner: str) -> tuple[tuple[int, ...], 
         raise InvalidParameterError(
             f"layer_sizes {sizes} and layer_dims {dims} of {owner} must have one entry per "
             f"layer; got {len(sizes)} and {len(dims)}.")
-    if any(b > a for a, b in zip(dims, dims[1:], strict=False)):
+    if any(b > a for a, b in itertools.pairwise(dims)):
         raise InvalidParameterError(
             f"The 'layer_dims' parameter of {owner} must be non-increasing (r_1 >= r_2 >= ... "
             f">= 1). Got {dims} instead.")
@@ -139,7 +142,7 @@ def path_structure(intercepts, loadings, noise_variances, components) -> PathStr
     return PathStructure(components, means, covs, lam)
 
 
-def _gains(structure: PathStructure):
+def path_gains(structure: PathStructure):
     """``K_l = Cov(y, z^(l)) = A_{0,l} V_l`` (P, D, r_l) and ``G_l = K_l^T Sigma^{-1}``
     (P, r_l, D) for ``l = 1..h`` (index ``l``; entry 0 unused: ``G_0 = I``), with
     ``A_{0,l} = Lambda_1 ... Lambda_l``; one batched solve with the path covariances."""
@@ -186,7 +189,7 @@ def layer_sums(structure: PathStructure, t0, t1, t2, shift_a=None, shift_b=None,
     layer : int
         ``l`` in ``1..h``.
     gains : optional
-        ``_gains(structure)``, if already computed.
+        ``path_gains(structure)``, if already computed.
 
     Returns
     -------
@@ -194,7 +197,7 @@ def layer_sums(structure: PathStructure, t0, t1, t2, shift_a=None, shift_b=None,
         ``a``, ``b`` (first-moment sums ``sum_i gamma_is E[z | y_i, s]``, not shifted) and
         ``aa``, ``ab``, ``bb`` (shifted second-moment sums), one entry per path.
     """
-    cov_y, g = gains if gains is not None else _gains(structure)
+    cov_y, g = gains if gains is not None else path_gains(structure)
     l = layer
     m_a, m_b = structure.means[l - 1], structure.means[l]
     v_b = structure.covariances[l]
@@ -222,7 +225,7 @@ def layer_sums(structure: PathStructure, t0, t1, t2, shift_a=None, shift_b=None,
                 + ga[:, :, None] * db[:, None, :] + gtg)
 
     return {
-        "a": t0[:, None] * m_a + gt1_a,
+        "a": t0[:, None] * m_a + gt1_a,  # sum_i gamma_is E[z | y_i, s] = T0 m + G T1
         "b": t0[:, None] * m_b + gt1_b,
         "aa": cross(p_aa, d_a, d_a, gt1_a, gt1_a, g2_a),
         "ab": cross(p_ab, d_a, d_b, gt1_a, gt1_b, g2_b),
@@ -231,7 +234,7 @@ def layer_sums(structure: PathStructure, t0, t1, t2, shift_a=None, shift_b=None,
 
 
 def regression_update(structure: PathStructure, t0, t1, t2, layer: int, n_components: int,
-                      gains=None):
+                      gains=None, empty_fraction: float = 1e-12):
     """The exact M-step of layer ``layer``'s factor analysers (section 3.3).
 
     For component ``j``, the posterior sums over the paths through it give ``W0``, the
@@ -240,16 +243,35 @@ def regression_update(structure: PathStructure, t0, t1, t2, layer: int, n_compon
     ``eta = c_a - Lambda c_b`` and ``psi = diag(S_aa - Lambda S_ab^T) / W0`` (moments about the
     component's own means, so nothing cancels for latents far from the origin).
 
+    Parameters
+    ----------
+    structure : PathStructure
+        At the parameters of the E-step.
+    t0, t1, t2 : ndarray of shapes (P,), (P, D), (P, D, D)
+        Path statistics about the path means.
+    layer : int
+        ``l`` in ``1..h``.
+    n_components : int
+        ``k_l``.
+    gains : optional
+        ``path_gains(structure)``, if already computed.
+    empty_fraction : float
+        A component with ``W0 <= empty_fraction * sum(T0)`` is *empty*: its estimates are
+        meaningless (zeros here) and the caller keeps its previous ones.
+
     Returns
     -------
     dict
-        ``resp_sum`` (k,), ``intercepts``, ``loadings``, unfloored ``noise_variances`` and the
-        layer input's mean variance ``input_variance`` (the scale of the floor).
+        ``resp_sum`` (k,), ``empty`` (k,) bool, ``intercepts``, ``loadings``, unfloored
+        ``noise_variances`` and the mean variance of the layer's input, ``input_variance``
+        (within-component scatter plus between-component; the scale of the floor).
     """
     comp = structure.components[:, layer - 1]
-    gains = gains if gains is not None else _gains(structure)
+    gains = gains if gains is not None else path_gains(structure)
     resp_sum = np.bincount(comp, weights=t0, minlength=n_components)
-    safe = np.where(resp_sum > 0, resp_sum, 1.0)[:, None]
+    total = np.sum(resp_sum)
+    empty = resp_sum <= empty_fraction * total
+    safe = np.where(empty, 1.0, resp_sum)[:, None]
     c_a = group_sum(_mean_sums(structure, t0, t1, gains, layer - 1), comp, n_components) / safe
     c_b = group_sum(_mean_sums(structure, t0, t1, gains, layer), comp, n_components) / safe
     sums = layer_sums(structure, t0, t1, t2, c_a[comp], c_b[comp], layer=layer, gains=gains)
@@ -257,15 +279,15 @@ def regression_update(structure: PathStructure, t0, t1, t2, layer: int, n_compon
     s_ab = group_sum(sums["ab"], comp, n_components)
     s_bb = group_sum(sums["bb"], comp, n_components)
     s_bb = 0.5 * (s_bb + np.swapaxes(s_bb, 1, 2))
+    s_bb[empty], s_ab[empty], s_aa[empty] = np.eye(s_bb.shape[1]), 0.0, 0.0  # solvable
     loadings = np.swapaxes(np.linalg.solve(s_bb, np.swapaxes(s_ab, 1, 2)), 1, 2)
     residual = np.diagonal(s_aa, axis1=1, axis2=2) - np.sum(loadings * s_ab, axis=2)
-    # Total variance of the layer's input: within-component scatter plus between-component.
-    total = np.sum(resp_sum)
     grand = resp_sum @ c_a / total
     scatter = np.sum(np.diagonal(s_aa, axis1=1, axis2=2), axis=0)
     scatter += resp_sum @ (c_a - grand) ** 2
     return {
         "resp_sum": resp_sum,
+        "empty": empty,
         "intercepts": c_a - np.einsum("kab,kb->ka", loadings, c_b),
         "loadings": loadings,
         "noise_variances": residual / safe,
@@ -383,3 +405,26 @@ def fit_layer(counts, means, covariances, n_factors: int, *, floor_scale: float 
         "loadings": np.stack([f[0] for f in fits]),
         "noise_variances": np.stack([f[1] for f in fits]),
     }
+
+
+def params_from_clusters(family, counts, means, covariances):
+    """A deep family's parameters from clusters of every layer's input (driver side).
+
+    Parameters
+    ----------
+    family : DeepGaussian or GaussianMixtureNetwork
+    counts, means, covariances : list of ndarray
+        Per layer ``l``: rows (k_l,), means (k_l, r_{l-1}) and covariances
+        (k_l, r_{l-1}, r_{l-1}) of the ``k_l`` clusters of the layer's input (the data for the
+        first layer, the factor scores of the layer above for the others).
+
+    Returns
+    -------
+    dict
+        The parameters: a factor analyser with ``r_l`` factors per cluster
+        (:func:`fit_layer`), cluster proportions as weights (in every column of the
+        network's conditional weights).
+    """
+    layers = [fit_layer(c, m, v, r) for c, m, v, r in
+              zip(counts, means, covariances, family.layer_dims, strict=True)]
+    return family.params_from_layers(layers)

@@ -300,18 +300,18 @@ class DeepGaussian:
         structure = _layers.path_structure(intercepts, loadings, noise, comp)
         paths = {"weights": np.exp(self.path_log_weights(params)), "means": structure.means[0]}
         t0, t1, t2 = self._path_moments(stats, paths)
-        gains = _layers._gains(structure)
-        n_total = float(np.sum(t0))
+        gains = _layers.path_gains(structure)
         layers, empty = [], np.zeros(self.n_layers)
         reg = self.reg_covar + self.var_regularization
         for i, k in enumerate(self.layer_sizes):
-            fit = _layers.regression_update(structure, t0, t1, t2, i + 1, k, gains)
+            fit = _layers.regression_update(structure, t0, t1, t2, i + 1, k, gains,
+                                            EMPTY_FRACTION)
             psi = np.maximum(fit["noise_variances"], _layers.PSI_FLOOR * fit["input_variance"])
             lam = fit["loadings"]
             if self.var_regularization:
                 lam = _inflate_singular_values(lam, self.var_regularization)
             new = {"intercepts": fit["intercepts"], "loadings": lam, "noise_variances": psi + reg}
-            kept = fit["resp_sum"] <= EMPTY_FRACTION * n_total
+            kept = fit["empty"]
             if kept.any():  # no responsibility: keep the previous factor analyser
                 old = (intercepts[i], loadings[i], noise[i])
                 new = {key: np.where(kept.reshape((-1,) + (1,) * (v.ndim - 1)), o, v)

@@ -25,10 +25,11 @@ import pytest
 import scipy.stats
 from scipy.special import logsumexp, softmax
 
-from dmix.engine.deep_init import deep_initial_params
+from dmix.engine.deep_init import _layer_seed, deep_initial_params
 from dmix.errors import InvalidParameterError
 from dmix.families import _layers
 from dmix.families.deep import DeepGaussian, GaussianMixtureNetwork
+from dmix.rng import keyed_uniform
 from dmix.testing import FamilyTests, assert_rel
 
 
@@ -357,9 +358,32 @@ def test_em_never_decreases_the_loglik(sizes, dims, d, network):
         stats = family.estep(params, x, np)
         bounds.append(family.objective(params, stats))
         params, state = family.mstep(params, stats, state)
+        np.testing.assert_allclose(np.sum(family.path_mixture(params)["weights"]), 1.0,
+                                   rtol=1e-13)
     bounds = np.array(bounds)
     assert np.all(np.diff(bounds) >= -1e-10 * np.abs(bounds[:-1])), np.diff(bounds)
     assert bounds[-1] > bounds[0] + 0.1
+
+
+def test_em_is_translation_equivariant():
+    """Data and intercepts moved 1e5 away give the same log-likelihoods (the E-step's moments
+    are about a shift near the data, the M-step's about each component's own means)."""
+    sizes, dims, d = (2, 2), (2, 1), 4
+    family = DeepGaussian(sizes, dims, reg_covar=0.0)
+    x = family.sample(family.make_params(*random_layers(sizes, dims, d, seed=21)), 300,
+                      np.random.default_rng(0))[0]
+    runs = []
+    for offset in (0.0, 1e5):
+        weights, intercepts, loadings, noise = random_layers(sizes, dims, d, seed=22, scale=0.5)
+        params = family.make_params(weights, [intercepts[0] + offset, intercepts[1]], loadings,
+                                    noise)
+        bounds = []
+        for _ in range(15):
+            stats = family.estep(params, x + offset, np)
+            bounds.append(family.objective(params, stats))
+            params, _ = family.mstep(params, stats, {})
+        runs.append(bounds)
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-9)
 
 
 def test_regularization_options():
@@ -465,6 +489,34 @@ def test_deep_init_kmeans_finds_the_clusters():
                                np.bincount(labels) / len(labels), atol=0.01)
     np.testing.assert_allclose(params["layer0/intercepts"][order],
                                [x[labels == j].mean(0) for j in range(3)], atol=0.1)
+
+
+def test_deep_init_random_equals_in_memory_reference():
+    """The Dask passes (per-cluster moments merged over 9 chunks, blockwise factor scores)
+    give what the same labels give in memory, scores by the direct formula
+    ``Lambda^T (Lambda Lambda^T + Psi)^{-1} (x - eta)``."""
+    x, _ = clustered_data()
+    family = DeepGaussian((3, 2), (3, 1))
+    got = deep_initial_params(family, da.from_array(x, chunks=(70, 5)), "random", seed=5,
+                              split_every=2)
+    counts, means, covs, inp = [], [], [], x
+    for i, (k, r) in enumerate(zip(family.layer_sizes, family.layer_dims, strict=True)):
+        u = keyed_uniform(_layer_seed(5, 0, i), 0, np.arange(len(x)))
+        labels = np.minimum((u * k).astype(int), k - 1)
+        counts.append(np.bincount(labels, minlength=k))
+        means.append(np.array([inp[labels == j].mean(0) for j in range(k)]))
+        covs.append(np.array([np.cov(inp[labels == j].T, bias=True) for j in range(k)]))
+        layer = _layers.fit_layer(counts[-1], means[-1], covs[-1], r)
+        scores = np.empty((len(x), r))
+        for j in range(k):
+            lam, psi = layer["loadings"][j], layer["noise_variances"][j]
+            gain = np.linalg.solve(lam @ lam.T + np.diag(psi), lam).T
+            scores[labels == j] = (inp[labels == j] - layer["intercepts"][j]) @ gain.T
+        inp = scores
+    want = _layers.params_from_clusters(family, counts, means, covs)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert_rel(got[key], want[key], 1e-10, key)
 
 
 def test_unknown_init_method():
