@@ -51,7 +51,7 @@ MAX_PATHS = 512
 PSI_FLOOR = 1e-6
 
 
-def check_layers(layer_sizes, layer_dims, owner: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def check_layers(layer_sizes, layer_dims, owner: str) -> tuple[tuple, tuple]:
     """Validated ``(layer_sizes, layer_dims)`` as tuples of ints; raises ValueError."""
     from dmix.errors import InvalidParameterError
 
@@ -92,7 +92,7 @@ def path_components(layer_sizes) -> np.ndarray:
 
 
 def group_sum(values: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
-    """``out[j] = sum of values[p]`` over paths ``p`` with ``labels[p] == j`` (in path order)."""
+    """``out[j]``: the sum of ``values[p]`` over the paths ``p`` with ``labels[p] == j``."""
     out = np.zeros((n_groups, *values.shape[1:]))
     np.add.at(out, labels, values)
     return out
@@ -295,7 +295,7 @@ def regression_update(structure: PathStructure, t0, t1, t2, layer: int, n_compon
     }
 
 
-# -- factor analysis (initialisation) -----------------------------------------------------------
+# -- factor analysis (initialisation) ----------------------------------------------------------
 
 
 def factor_analysis(covariance, n_factors: int, *, noise_floor: float = 0.0,
@@ -382,9 +382,9 @@ def fit_layer(counts, means, covariances, n_factors: int, *, floor_scale: float 
     Returns
     -------
     dict
-        ``weights`` (k,), ``intercepts`` (k, r_in), ``loadings`` (k, r_in, r), ``noise_variances``
-        (k, r_in). A cluster of fewer than two rows (no scatter) takes the pooled covariance of
-        all the input, and an empty one the pooled mean too.
+        ``weights`` (k,), ``intercepts`` (k, r_in), ``loadings`` (k, r_in, r),
+        ``noise_variances`` (k, r_in). A cluster of fewer than two rows (no scatter) takes
+        the pooled covariance of all the input, and an empty one the pooled mean too.
     """
     counts = np.asarray(counts, dtype=np.float64)
     means = np.array(means, dtype=np.float64)

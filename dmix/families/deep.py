@@ -8,16 +8,17 @@ mixture over the ``P = prod(layer_sizes)`` paths ``s = (s_1, ..., s_h)``::
 
 with ``mu_s, Sigma_s`` computed top-down along the path (:meth:`DeepGaussian.path_mixture`).
 The families differ only in the path weights ``pi_s``: a product of per-layer weights for the
-deep Gaussian mixture, a top-down Markov chain ``pi^(h)_{s_h} prod_{l<h} tau^(l)_{s_l | s_{l+1}}``
-for the network (section 3.4).
+deep Gaussian mixture, a top-down Markov chain
+``pi^(h)_{s_h} prod_{l<h} tau^(l)_{s_l | s_{l+1}}`` for the network (section 3.4).
 
 Parameters (flat keys, ``l = 0..h-1`` for layers ``1..h``)::
 
-    layer{l}/weights               (k_l,)             mixing weights (network: deepest layer only)
-    layer{l}/conditional_weights   (k_l, k_{l+1})     network, l < h-1: column i is P(s_l | s_{l+1}=i)
-    layer{l}/intercepts            (k_l, r_{l-1})     eta
-    layer{l}/loadings              (k_l, r_{l-1}, r_l) Lambda
-    layer{l}/noise_variances       (k_l, r_{l-1})     diagonal Psi
+    layer{l}/weights              (k_l,)               mixing weights (network: deepest only)
+    layer{l}/conditional_weights  (k_l, k_{l+1})       network, l < h-1: column i is
+                                                       P(s_l | s_{l+1} = i)
+    layer{l}/intercepts           (k_l, r_{l-1})       eta
+    layer{l}/loadings             (k_l, r_{l-1}, r_l)  Lambda
+    layer{l}/noise_variances      (k_l, r_{l-1})       diagonal Psi
 
 E-step: the Gaussian family's (full covariances) over the path mixture, so the log-densities,
 the tempering, the non-finite-row handling and the statistics are those of
@@ -291,7 +292,8 @@ class DeepGaussian:
         b = paths["means"] - _shift(paths)
         t1 = s1 - t0[:, None] * b
         outer = b[:, :, None] * s1[:, None, :]
-        t2 = s2 - outer - np.swapaxes(outer, 1, 2) + t0[:, None, None] * b[:, :, None] * b[:, None, :]
+        t2 = s2 - outer - np.swapaxes(outer, 1, 2)
+        t2 += t0[:, None, None] * b[:, :, None] * b[:, None, :]
         return t0, t1, t2
 
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
@@ -310,7 +312,8 @@ class DeepGaussian:
             lam = fit["loadings"]
             if self.var_regularization:
                 lam = _inflate_singular_values(lam, self.var_regularization)
-            new = {"intercepts": fit["intercepts"], "loadings": lam, "noise_variances": psi + reg}
+            new = {"intercepts": fit["intercepts"], "loadings": lam,
+                   "noise_variances": psi + reg}
             kept = fit["empty"]
             if kept.any():  # no responsibility: keep the previous factor analyser
                 old = (intercepts[i], loadings[i], noise[i])

@@ -85,7 +85,7 @@ def reference_log_terms(paths, x):
 CASES = [((2, 3), (2, 1), 4), ((2, 2, 2), (3, 2, 1), 5), ((3, 1), (3, 2), 6)]
 
 
-# -- validation ---------------------------------------------------------------------------------
+# -- validation --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -123,7 +123,7 @@ def test_layer_lists_normalised_and_spec_round_trip():
     assert GaussianMixtureNetwork(**{k: v for k, v in spec.items() if k != "name"}) == family
 
 
-# -- the path mixture ---------------------------------------------------------------------------
+# -- the path mixture --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("network", [False, True])
@@ -216,7 +216,7 @@ def test_sample_draws_the_path_mixture():
 
 
 def test_tempered_estep():
-    """Path responsibilities softmax(nu l_is); loglik untempered; the schedule of for_iteration."""
+    """Path responsibilities softmax(nu l_is), loglik untempered, for_iteration's schedule."""
     sizes, dims, d = (2, 2), (2, 1), 4
     family = DeepGaussian(sizes, dims, annealing_start=0.25, annealing_iter=4)
     layers = random_layers(sizes, dims, d, seed=3)
@@ -233,7 +233,7 @@ def test_tempered_estep():
         np.testing.assert_allclose(stats["loglik"], logsumexp(terms, axis=1).sum(), rtol=1e-12)
 
 
-# -- the sufficient statistics of section 3.3 ---------------------------------------------------
+# -- the sufficient statistics of section 3.3 --------------------------------------------------
 
 
 def joint_gaussian(path, layers):
@@ -340,7 +340,7 @@ def test_mstep_maximizes_the_expected_complete_loglik():
     assert np.max(np.abs(grad_lam)) < 1e-9 * np.max(np.abs(s_ab))
 
 
-# -- exact EM -----------------------------------------------------------------------------------
+# -- exact EM ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("network", [False, True])
@@ -426,7 +426,7 @@ def test_empty_component_keeps_its_factor_analyser():
     assert np.all(np.isfinite(family.log_density(new, x, np)))
 
 
-# -- initialisation -----------------------------------------------------------------------------
+# -- initialisation ----------------------------------------------------------------------------
 
 
 def test_factor_analysis_matches_sklearn():
@@ -552,7 +552,7 @@ def test_wine_clustering():
     assert adjusted_rand_score(y, labels) >= 0.95
 
 
-# -- the conformance suite ----------------------------------------------------------------------
+# -- the conformance suite ---------------------------------------------------------------------
 
 
 class TestDeepGaussianConformance(FamilyTests):
