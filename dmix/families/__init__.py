@@ -2,6 +2,15 @@
 
 from dmix.families.base import Family, tree_add
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
+from dmix.families.deep import DeepGaussian, GaussianMixtureNetwork
 from dmix.families.gaussian import Gaussian
 
-__all__ = ["COVARIANCE_TYPES", "Family", "Gaussian", "get_covariance", "tree_add"]
+__all__ = [
+    "COVARIANCE_TYPES",
+    "DeepGaussian",
+    "Family",
+    "Gaussian",
+    "GaussianMixtureNetwork",
+    "get_covariance",
+    "tree_add",
+]
