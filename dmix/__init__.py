@@ -4,6 +4,7 @@ Dask streams row blocks of (Zarr) data through per-block E-steps on the workers;
 sufficient statistics are tree-reduced and the M-step runs on the driver.
 """
 
+from dmix.deep_mixture import DeepGaussianMixture, GaussianMixtureNetwork
 from dmix.errors import (
     CheckpointMismatchError,
     CheckpointWarning,
@@ -30,9 +31,11 @@ __all__ = [
     "CollapseWarning",
     "ConvergenceWarning",
     "DataError",
+    "DeepGaussianMixture",
     "DmixError",
     "Gaussian",
     "GaussianMixture",
+    "GaussianMixtureNetwork",
     "IllConditionedError",
     "InvalidParameterError",
     "NotFittedError",

@@ -301,6 +301,10 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
             If ``resume`` finds a checkpoint written for other data or incompatible options.
         """
         self._check_parameters()
+        if sample_weight is not None and "weighted" not in {f.name for f in fields(self._family)}:
+            raise InvalidParameterError(
+                f"{type(self).__name__} does not take sample_weight: fit it without weights "
+                "(or repeat rows to weight them).")
         # An unwritable directory fails before anything runs.
         ckpt = self._checkpoint_dir(self.checkpoint if checkpoint is None else checkpoint)
         client = resolve_client(self.client)

@@ -17,18 +17,21 @@ MODELS = {
 def estimator_classes() -> dict[str, type]:
     """Every mixture estimator of dmix, by class name (imported late: the estimators import
     the modules that call this)."""
+    from dmix.deep_mixture import DeepGaussianMixture, GaussianMixtureNetwork
     from dmix.estimators import GaussianMixture
 
-    return {cls.__name__: cls for cls in (GaussianMixture,)}
+    return {cls.__name__: cls for cls in (GaussianMixture, DeepGaussianMixture,
+                                          GaussianMixtureNetwork)}
 
 
 def family_defaults(name: str) -> dict:
     """The default hyperparameters of the family called ``name`` (``{}`` if unknown)."""
     import dataclasses
 
+    from dmix.families.deep import DeepGaussian, GaussianNetwork
     from dmix.families.gaussian import Gaussian
 
-    classes = {cls.name: cls for cls in (Gaussian,)}
+    classes = {cls.name: cls for cls in (Gaussian, DeepGaussian, GaussianNetwork)}
     cls = classes.get(name)
     if cls is None:
         return {}

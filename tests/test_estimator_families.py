@@ -14,6 +14,7 @@ import zarr
 import dmix
 from dmix.cli import main as cli_main
 from dmix.engine.loop import History
+from dmix.engine.stopping import FitHistory, get_criterion
 
 
 def _blobs(d=3, seed=5):
@@ -35,10 +36,16 @@ X = _blobs()
 #: (id, estimator class name, options for a quick 3-cluster fit, CLI --model arguments)
 CASES = [
     ("gmm", "GaussianMixture", dict(covariance_type="full"), ["--model", "gmm"]),
+    ("dgmm", "DeepGaussianMixture", dict(layer_sizes=(3, 2), layer_dims=(2, 1)),
+     ["--model", "dgmm", "--layer-sizes", "3,2", "--layer-dims", "2,1"]),
+    ("gmn", "GaussianMixtureNetwork", dict(layer_sizes=(3, 2), layer_dims=(2, 1)),
+     ["--model", "gmn", "--layer-sizes", "3,2", "--layer-dims", "2,1"]),
 ]
 
 
 def _make(name, **options):
+    if "layer_sizes" in options:  # the deep models: n_components is layer_sizes[0]
+        assert options.pop("n_components") == options["layer_sizes"][0]
     return getattr(dmix, name)(**options)
 
 
@@ -54,11 +61,16 @@ def _fit(case, x=X, **options):
         return _make(name, n_components=3, random_state=0, **own, **options).fit(x)
 
 
+def _as_json(params):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
 def _assert_same_model(a, b, rtol):
     pa, pb = a._params, b._params
     assert set(pa) == set(pb)
     for key in pa:
-        np.testing.assert_allclose(pa[key], pb[key], rtol=rtol, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(pa[key], pb[key], rtol=rtol, atol=0 if rtol == 0 else 1e-12,
+                                   err_msg=key)
 
 
 def test_fit_does_not_depend_on_the_chunking(case):
@@ -97,7 +109,8 @@ def test_save_and_load_give_the_same_model(case, tmp_path):
     assert type(loaded) is type(model)
     _assert_same_model(loaded, model, rtol=0)
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
-    assert loaded.get_params() == {**model.get_params(), "client": None}
+    # as saved in JSON: tuples come back as lists
+    assert loaded.get_params() == {**_as_json(model.get_params()), "client": None}
 
 
 def test_sampling_is_reproducible_and_follows_the_model(case):
@@ -122,8 +135,12 @@ def test_shared_options(case):
     nus = [r.inverse_temperature for r in history.records]
     assert nus[0] == pytest.approx(0.1) and nus[6:] == [1.0] * (len(nus) - 6)
     assert annealed.score(X) > -np.inf
-    aitken = _fit(case, stopping_criterion="aitken", tol=1e-6, max_iter=200)
-    assert aitken.converged_
+    # The run stops exactly where the criterion first holds on its bounds.
+    relative = _fit(case, stopping_criterion="relative", tol=1e-5, max_iter=300)
+    criterion, bounds = get_criterion("relative"), relative.lower_bounds_
+    assert relative.converged_ and relative.n_iter_ < 300
+    held = [criterion(FitHistory(bounds[:t], [0.0] * t, 1e-5)) for t in range(2, len(bounds) + 1)]
+    assert held[-1] and not any(held[:-1])
     plain = _fit(case, max_iter=5, tol=0.0)
     regularized = _fit(case, max_iter=5, tol=0.0, var_regularization=0.5)
     assert regularized.score(X) < plain.score(X)
@@ -165,3 +182,20 @@ def test_cli_fit_model(case, client, store, tmp_path, capsys):
     assert type(loaded).__name__ == name
     expected = _fit(case, x=store, max_iter=10, tol=0.0, chunk_size=200)
     _assert_same_model(loaded, expected, rtol=1e-10)
+
+
+def test_integer_sample_weights_fit_as_repeated_rows(case):
+    w = np.random.default_rng(2).integers(0, 3, size=len(X))
+    # Initialisation ignores weights: both fits warm-start from the same parameters.
+    _, name, own, _ = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = _make(name, n_components=3, random_state=0, max_iter=0, **own).fit(X)
+        repeated = np.repeat(X, w, axis=0)
+        a = _make(name, n_components=3, warm_start=True, max_iter=6, tol=0.0, **own)
+        a.__dict__.update({k: v for k, v in start.__dict__.items() if k.endswith("_")})
+        a.fit(X, sample_weight=w.astype(float))
+        b = _make(name, n_components=3, warm_start=True, max_iter=6, tol=0.0, **own)
+        b.__dict__.update({k: v for k, v in start.__dict__.items() if k.endswith("_")})
+        b.fit(repeated)
+    _assert_same_model(a, b, rtol=1e-9)

@@ -265,7 +265,7 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
                         "gmn; default K,1)")
     g.add_argument("--layer-dims", type=_int_list, metavar="R1,R2,...",
                    help="latent dimensions per layer, non-increasing (--model dgmm or gmn; "
-                        "default: D-1, then 1s)")
+                        "default: D-1, then halved per layer)")
     if n_components_required:
         g.add_argument("--n-components", "-k", type=_positive_int, required=True, metavar="K",
                        help="number of mixture components")

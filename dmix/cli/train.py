@@ -112,8 +112,11 @@ def _model(args):
         raise DmixError(f"--covariance-type is an option of --model gmm, not {args.model}.")
     if args.model == "skew":
         return cls, {"form": args.skew_form}
-    return cls, {k: v for k, v in (("layer_sizes", args.layer_sizes),
-                                   ("layer_dims", args.layer_dims)) if v is not None}
+    sizes = args.layer_sizes or (args.n_components, 1)
+    if sizes[0] != args.n_components:
+        raise DmixError(f"--layer-sizes {','.join(map(str, sizes))}: the first layer's size is "
+                        f"the number of clusters, so it must equal -k {args.n_components}.")
+    return cls, {"layer_sizes": sizes, "layer_dims": args.layer_dims}
 
 
 def _estimator(args, client):
@@ -122,8 +125,10 @@ def _estimator(args, client):
         args.seed = seed_sequence_int(None) % 2**32
         _say(f"Seed: {args.seed} (pass --seed {args.seed} to repeat this fit)")
     cls, own = _model(args)
+    if "layer_sizes" not in own:
+        own["n_components"] = args.n_components
     return cls(
-        **own, n_components=args.n_components, tol=args.tol,
+        **own, tol=args.tol,
         reg_covar=args.reg_covar, max_iter=args.max_iter, n_init=args.n_init,
         init_params=args.init_params, random_state=args.seed, chunk_size=args.chunk_size,
         client=client, split_every=args.split_every,

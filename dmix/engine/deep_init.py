@@ -93,7 +93,7 @@ def deep_initial_params(family, data, method: str = "kmeans", *, seed: int, rest
 
     Parameters
     ----------
-    family : DeepGaussian or GaussianMixtureNetwork
+    family : DeepGaussian or GaussianNetwork
         Gives ``layer_sizes`` and ``layer_dims``.
     data : dask.array.Array of shape (N, D)
         Chunked along rows only.

@@ -2,7 +2,7 @@
 
 from dmix.families.base import Family, tree_add
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
-from dmix.families.deep import DeepGaussian, GaussianMixtureNetwork
+from dmix.families.deep import DeepGaussian, GaussianNetwork
 from dmix.families.gaussian import Gaussian
 
 __all__ = [
@@ -10,7 +10,7 @@ __all__ = [
     "DeepGaussian",
     "Family",
     "Gaussian",
-    "GaussianMixtureNetwork",
+    "GaussianNetwork",
     "get_covariance",
     "tree_add",
 ]

@@ -412,7 +412,7 @@ def params_from_clusters(family, counts, means, covariances):
 
     Parameters
     ----------
-    family : DeepGaussian or GaussianMixtureNetwork
+    family : DeepGaussian or GaussianNetwork
     counts, means, covariances : list of ndarray
         Per layer ``l``: rows (k_l,), means (k_l, r_{l-1}) and covariances
         (k_l, r_{l-1}, r_{l-1}) of the ``k_l`` clusters of the layer's input (the data for the

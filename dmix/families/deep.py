@@ -66,7 +66,7 @@ from dmix.families.covariance import get_covariance
 from dmix.families.gaussian import Gaussian, _shift
 from dmix.xp import Workspace
 
-__all__ = ["DeepGaussian", "GaussianMixtureNetwork"]
+__all__ = ["DeepGaussian", "GaussianNetwork"]
 
 _EPS10 = 10 * np.finfo(np.float64).eps
 _FULL = get_covariance("full")
@@ -119,6 +119,7 @@ class DeepGaussian:
     inverse_temperature: float = 1.0
     annealing_start: float = 1.0
     annealing_iter: int = 0
+    weighted: bool = False
 
     def __post_init__(self):
         sizes, dims = _layers.check_layers(self.layer_sizes, self.layer_dims,
@@ -193,7 +194,7 @@ class DeepGaussian:
             }
             values = (weights[i], intercepts[i], loadings[i], noise_variances[i])
             for (name, want), value in zip(expected.items(), values, strict=True):
-                value = np.array(value, dtype=np.float64)
+                value = np.array(value, dtype=np.float64, order="C")  # resumed fits exact
                 if value.shape != want:
                     raise InvalidParameterError(
                         f"Parameter {name!r} must have shape {want}; got {value.shape}.")
@@ -205,6 +206,26 @@ class DeepGaussian:
         ``noise_variances`` (as :func:`~dmix.families._layers.fit_layer` returns them)."""
         return self.make_params(*([layer[key] for layer in layers] for key in
                                   ("weights", "intercepts", "loadings", "noise_variances")))
+
+    def param_shapes(self, n_features: int) -> dict[str, tuple]:
+        """The shape of every parameter array for data with ``n_features`` features."""
+        dims = (n_features, *self.layer_dims)
+        shapes = dict(self._weight_shapes())
+        for i, k in enumerate(self.layer_sizes):
+            shapes.update({f"layer{i}/intercepts": (k, dims[i]),
+                           f"layer{i}/loadings": (k, dims[i], dims[i + 1]),
+                           f"layer{i}/noise_variances": (k, dims[i])})
+        return shapes
+
+    def cluster_moments(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        """``(weights, means)`` of the clusters (the first layer's components): the total
+        weight and the weighted mean of the paths through each."""
+        mix = self.path_mixture(params)
+        k = self.layer_sizes[0]
+        w = mix["weights"].reshape(k, -1)
+        weights = w.sum(axis=1)
+        means = np.einsum("kp,kpd->kd", w, mix["means"].reshape(k, w.shape[1], -1))
+        return weights, means / weights[:, None]
 
     def layer_params(self, params: Params) -> tuple[list, list, list]:
         """``(intercepts, loadings, noise_variances)`` as per-layer lists."""
@@ -235,7 +256,7 @@ class DeepGaussian:
     @property
     def _gaussian(self) -> Gaussian:
         return Gaussian(covariance_type="full", reg_covar=0.0,
-                        inverse_temperature=self.inverse_temperature)
+                        inverse_temperature=self.inverse_temperature, weighted=self.weighted)
 
     def n_parameters(self, params: Params) -> int:
         """Free parameters (section 3.4): ``sum_l (k_l - 1) + k_l (2 r_{l-1} + r_{l-1} r_l
@@ -367,7 +388,7 @@ class DeepGaussian:
 
 
 @dataclass(frozen=True)
-class GaussianMixtureNetwork(DeepGaussian):
+class GaussianNetwork(DeepGaussian):
     """Gaussian mixture network (GMN) family: a :class:`DeepGaussian` whose component
     probabilities are conditional on the component chosen in the next (deeper) layer.
 

@@ -352,6 +352,7 @@ def load_model(path, *, storage_options: dict | None = None):
 
         estimator.prior_ = GaussianPrior.from_spec(prior)
 
+    estimator.n_features_in_ = int(attrs["n_features_in_"])  # some families need it
     from dmix.families.base import family_spec
 
     family = estimator._family

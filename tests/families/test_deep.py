@@ -28,7 +28,7 @@ from scipy.special import logsumexp, softmax
 from dmix.engine.deep_init import _layer_seed, deep_initial_params
 from dmix.errors import InvalidParameterError
 from dmix.families import _layers
-from dmix.families.deep import DeepGaussian, GaussianMixtureNetwork
+from dmix.families.deep import DeepGaussian, GaussianNetwork
 from dmix.rng import keyed_uniform
 from dmix.testing import FamilyTests, assert_rel
 
@@ -113,14 +113,14 @@ def test_latent_dims_below_features():
 
 
 def test_layer_lists_normalised_and_spec_round_trip():
-    family = GaussianMixtureNetwork(layer_sizes=[3, 2], layer_dims=[2, 1])
+    family = GaussianNetwork(layer_sizes=[3, 2], layer_dims=[2, 1])
     assert family.layer_sizes == (3, 2) and family.layer_dims == (2, 1)
     assert family.n_paths == 6 and family.n_components == 3
     from dmix.families.base import family_spec
 
     spec = family_spec(family)
     assert spec["name"] == "gmn"
-    assert GaussianMixtureNetwork(**{k: v for k, v in spec.items() if k != "name"}) == family
+    assert GaussianNetwork(**{k: v for k, v in spec.items() if k != "name"}) == family
 
 
 # -- the path mixture --------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_layer_lists_normalised_and_spec_round_trip():
 @pytest.mark.parametrize("network", [False, True])
 @pytest.mark.parametrize("sizes, dims, d", CASES)
 def test_log_density_is_the_path_mixture(sizes, dims, d, network):
-    cls = GaussianMixtureNetwork if network else DeepGaussian
+    cls = GaussianNetwork if network else DeepGaussian
     family = cls(sizes, dims)
     layers = random_layers(sizes, dims, d, seed=sum(sizes), network=network)
     params = family.make_params(*layers)
@@ -156,7 +156,7 @@ def test_network_with_equal_columns_is_the_deep_mixture():
     sizes, dims, d = (3, 2, 2), (3, 2, 1), 5
     layers = random_layers(sizes, dims, d, seed=4)
     deep = DeepGaussian(sizes, dims)
-    net = GaussianMixtureNetwork(sizes, dims)
+    net = GaussianNetwork(sizes, dims)
     net_weights = [np.repeat(w[:, None], sizes[i + 1], axis=1)
                    for i, w in enumerate(layers[0][:-1])] + [layers[0][-1]]
     p_deep = deep.make_params(*layers)
@@ -192,7 +192,7 @@ def test_n_parameters_counts():
     layers = random_layers((2, 3), (2, 1), 4, 0)
     assert DeepGaussian((2, 3), (2, 1)).n_parameters(
         DeepGaussian((2, 3), (2, 1)).make_params(*layers)) == 51
-    net = GaussianMixtureNetwork((2, 3), (2, 1))
+    net = GaussianNetwork((2, 3), (2, 1))
     net_layers = random_layers((2, 3), (2, 1), 4, 0, network=True)
     assert net.n_parameters(net.make_params(*net_layers)) == 53
 
@@ -347,7 +347,7 @@ def test_mstep_maximizes_the_expected_complete_loglik():
 @pytest.mark.parametrize("sizes, dims, d", [((2, 2), (2, 1), 4), ((3, 2), (3, 1), 5),
                                             ((2, 2, 2), (3, 2, 1), 5)])
 def test_em_never_decreases_the_loglik(sizes, dims, d, network):
-    cls = GaussianMixtureNetwork if network else DeepGaussian
+    cls = GaussianNetwork if network else DeepGaussian
     family = cls(sizes, dims, reg_covar=0.0)
     truth = family.make_params(*random_layers(sizes, dims, d, seed=21, network=network))
     x = family.sample(truth, 400, np.random.default_rng(0))[0]
@@ -463,7 +463,7 @@ def clustered_data(n=600, seed=0):
 @pytest.mark.parametrize("method", ["kmeans", "random"])
 def test_deep_init_does_not_depend_on_chunking(method):
     x, _ = clustered_data()
-    family = GaussianMixtureNetwork((3, 2), (2, 1))
+    family = GaussianNetwork((3, 2), (2, 1))
     a = deep_initial_params(family, da.from_array(x, chunks=(600, 5)), method, seed=3)
     b = deep_initial_params(family, da.from_array(x, chunks=(37, 5)), method, seed=3,
                             split_every=3)
@@ -563,7 +563,7 @@ class TestDeepGaussianConformance(FamilyTests):
 
     @pytest.fixture
     def family(self):
-        cls = GaussianMixtureNetwork if self.network else DeepGaussian
+        cls = GaussianNetwork if self.network else DeepGaussian
         return cls((2, 2), (2, 1), reg_covar=1e-6)
 
     @pytest.fixture
