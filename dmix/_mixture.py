@@ -86,18 +86,25 @@ ENGINE_PARAMETERS = """\
         rising geometrically from ``annealing_start`` to 1 at iteration ``annealing_iter``
         (default ``max_iter // 2``); see the family's documentation for what else the hot
         phase holds fixed. Convergence is tested from the second iteration at ``nu = 1`` on.
-    annealing_start : float in (0, 1], default=0.1
+    annealing_start : float in (0, 1], default={annealing_start}
+        The first inverse temperature.
     annealing_iter : int, optional
     stopping_criterion : str or callable, default='tol'
         'tol', 'relative', 'aitken', a built-in of :mod:`dmix.engine.stopping`, or any
         callable ``criterion(history) -> bool``.
+
 """
 
 
-def fill_doc(cls):
+def fill_doc(annealing_start: str = "0.1"):
     """Class decorator: the shared parameter entries in place of ``{engine_parameters}``."""
-    cls.__doc__ = cls.__doc__.replace("{engine_parameters}\n", ENGINE_PARAMETERS)
-    return cls
+
+    def fill(cls):
+        text = ENGINE_PARAMETERS.replace("{annealing_start}", annealing_start)
+        cls.__doc__ = cls.__doc__.replace("{engine_parameters}\n", text)
+        return cls
+
+    return fill
 
 
 class BaseMixture(CheckpointMixin, ParamsMixin):

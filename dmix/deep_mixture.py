@@ -17,7 +17,7 @@ from dmix.families import deep as _deep
 __all__ = ["DeepGaussianMixture", "GaussianMixtureNetwork"]
 
 
-@fill_doc
+@fill_doc(annealing_start="0.5")
 class DeepGaussianMixture(BaseMixture):
     """Deep Gaussian mixture model (Viroli and McLachlan), fitted by exact EM, streamed.
 
@@ -50,6 +50,15 @@ class DeepGaussianMixture(BaseMixture):
     params_ : dict of ndarray
         Every layer's parameters, keys as in :mod:`dmix.families.deep`.
     converged_, n_iter_, lower_bound_, lower_bounds_, n_features_in_ : as GaussianMixture's
+
+    Notes
+    -----
+    Annealing here is plain tempering of the path responsibilities, so its default start is
+    0.5, not 0.1: the Gaussian family's shrinking kernel has no counterpart yet, and tempered
+    factor analysers merge as tempered Gaussians do. On standardized wine (``layer_sizes=(3,
+    1)``, ``layer_dims=(3, 2)``, 10 seeds) annealing from 0.1 ended every run merged (ARI 0.35
+    to 0.66), from 0.5 with a better best bound than plain EM (-12.278 against -12.300 per
+    row) and the same ARIs (0.89 to 0.98).
     """
 
     _family_class = _deep.DeepGaussian
@@ -79,7 +88,7 @@ class DeepGaussianMixture(BaseMixture):
         checkpoint_keep=3,
         var_regularization=0.0,
         annealing=False,
-        annealing_start=0.1,
+        annealing_start=0.5,
         annealing_iter=None,
         stopping_criterion="tol",
     ):
@@ -182,7 +191,7 @@ class DeepGaussianMixture(BaseMixture):
         return self.params_
 
 
-@fill_doc
+@fill_doc(annealing_start="0.5")
 class GaussianMixtureNetwork(DeepGaussianMixture):
     """Gaussian mixture network (after Dmytruk), fitted by exact EM, streamed.
 
