@@ -25,6 +25,7 @@ __all__ = [
     "is_cupy",
     "logsumexp",
     "quiet_nonfinite",
+    "special",
     "to_device",
     "to_host",
 ]
@@ -79,6 +80,27 @@ def logsumexp(a, axis: int, xp):
     amax = xp.where(xp.isfinite(amax), amax, 0.0)
     out = xp.log(xp.sum(xp.exp(a - amax), axis=axis, keepdims=True)) + amax
     return xp.squeeze(out, axis=axis)
+
+
+def special(name: str, xp):
+    """The special function ``name`` (``log_ndtr``, ``erfcx``...) for arrays of namespace ``xp``.
+
+    These are not in the array API standard: NumPy arrays get :mod:`scipy.special`'s, CuPy
+    arrays :mod:`cupyx.scipy.special`'s. Raises :class:`NotImplementedError`, naming the
+    function and the namespace, where the backend lacks it (no silent copy to the host).
+    """
+    if xp is np:
+        import scipy.special as module
+    elif getattr(xp, "__name__", "") == "cupy":
+        import cupyx.scipy.special as module
+    else:
+        module = None
+    function = getattr(module, name, None)
+    if function is None:
+        raise NotImplementedError(
+            f"The special function {name!r} is not available for {getattr(xp, '__name__', xp)} "
+            "arrays; compute on the CPU (NumPy).")
+    return function
 
 
 class Workspace:
