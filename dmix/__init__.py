@@ -21,6 +21,7 @@ from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
 from dmix.io.model import load_model as load
 from dmix.selection import Selection, select
+from dmix.skew_normal_mixture import SkewNormalMixture
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidParameterError",
     "NotFittedError",
     "Selection",
+    "SkewNormalMixture",
     "__version__",
     "load",
     "resume",

@@ -19,9 +19,10 @@ def estimator_classes() -> dict[str, type]:
     the modules that call this)."""
     from dmix.deep_mixture import DeepGaussianMixture, GaussianMixtureNetwork
     from dmix.estimators import GaussianMixture
+    from dmix.skew_normal_mixture import SkewNormalMixture
 
-    return {cls.__name__: cls for cls in (GaussianMixture, DeepGaussianMixture,
-                                          GaussianMixtureNetwork)}
+    return {cls.__name__: cls for cls in (GaussianMixture, SkewNormalMixture,
+                                          DeepGaussianMixture, GaussianMixtureNetwork)}
 
 
 def family_defaults(name: str) -> dict:
@@ -30,8 +31,9 @@ def family_defaults(name: str) -> dict:
 
     from dmix.families.deep import DeepGaussian, GaussianNetwork
     from dmix.families.gaussian import Gaussian
+    from dmix.families.skew_normal import SkewNormal
 
-    classes = {cls.name: cls for cls in (Gaussian, DeepGaussian, GaussianNetwork)}
+    classes = {cls.name: cls for cls in (Gaussian, SkewNormal, DeepGaussian, GaussianNetwork)}
     cls = classes.get(name)
     if cls is None:
         return {}
