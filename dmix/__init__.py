@@ -4,6 +4,7 @@ Dask streams row blocks of (Zarr) data through per-block E-steps on the workers;
 sufficient statistics are tree-reduced and the M-step runs on the driver.
 """
 
+from dmix.deep_mixture import DeepGaussianMixture, GaussianMixtureNetwork
 from dmix.errors import (
     CheckpointMismatchError,
     CheckpointWarning,
@@ -20,6 +21,7 @@ from dmix.families.covariance import COVARIANCE_TYPES
 from dmix.families.gaussian import Gaussian
 from dmix.io.model import load_model as load
 from dmix.selection import Selection, select
+from dmix.skew_normal_mixture import SkewNormalMixture
 
 __version__ = "0.1.0"
 
@@ -30,13 +32,16 @@ __all__ = [
     "CollapseWarning",
     "ConvergenceWarning",
     "DataError",
+    "DeepGaussianMixture",
     "DmixError",
     "Gaussian",
     "GaussianMixture",
+    "GaussianMixtureNetwork",
     "IllConditionedError",
     "InvalidParameterError",
     "NotFittedError",
     "Selection",
+    "SkewNormalMixture",
     "__version__",
     "load",
     "resume",

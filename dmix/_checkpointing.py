@@ -130,8 +130,8 @@ def resume(checkpoint, data=None, *, max_iter=None, client=None, device=None, dt
 
     Returns
     -------
-    estimator : GaussianMixture
-        Fitted; its ``checkpoint`` is ``checkpoint``.
+    estimator : GaussianMixture, SkewNormalMixture, ...
+        The estimator of the interrupted fit, fitted; its ``checkpoint`` is ``checkpoint``.
 
     Raises
     ------
@@ -140,9 +140,9 @@ def resume(checkpoint, data=None, *, max_iter=None, client=None, device=None, dt
     CheckpointMismatchError
         If ``data`` is not the data the checkpoints were written for.
     """
-    from dmix.estimators import GaussianMixture
+    from dmix._registry import estimator_classes
 
-    estimators = {"GaussianMixture": GaussianMixture}
+    estimators = estimator_classes()
     ckpt = CheckpointDir(checkpoint)
     loaded = ckpt.load()
     if loaded is None:

@@ -7,40 +7,18 @@ Dask, Zarr and path inputs are streamed and array results come back as lazy Dask
 
 from __future__ import annotations
 
-import math
-import numbers
-import time
-from dataclasses import replace
-
-import numpy as np
-
-from dmix._checkpointing import CheckpointMixin, resume
-from dmix._estimator_base import ParamsMixin, UserInitMixin, VerboseMonitor, check_number
+from dmix._checkpointing import resume
+from dmix._estimator_base import UserInitMixin
 from dmix._fitting import FitMixin
-from dmix.engine.grid import fit_restarts
-from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
-from dmix.engine.reduce import (
-    block_bytes_for,
-    check_device_everywhere,
-    map_blocks,
-    place_on_device,
-    resolve_client,
-    worker_slots,
-)
-from dmix.engine.stopping import get_criterion
-from dmix.errors import DataError, InvalidParameterError, NotFittedError
+from dmix._mixture import BaseMixture
+from dmix.engine import init as _init
+from dmix.errors import DataError, InvalidParameterError
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
-from dmix.io.source import as_source
-from dmix.rng import seed_sequence_int
-from dmix.xp import Compute
 
 __all__ = ["GaussianMixture", "resume"]
 
-_INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
-
-
-class GaussianMixture(FitMixin, CheckpointMixin, UserInitMixin, ParamsMixin):
+class GaussianMixture(FitMixin, UserInitMixin, BaseMixture):
     """Gaussian mixture fitted by EM, streamed over row blocks.
 
     Parameters
@@ -246,99 +224,36 @@ default='full'
 
     # -- validation -------------------------------------------------------------------------
 
-    def _check_parameters(self):
+    def _check_family_parameters(self):
         name = type(self).__name__
-        check_number(name, "n_components", self.n_components, "int", 1)
-        check_number(name, "tol", self.tol, "float", 0)
-        check_number(name, "reg_covar", self.reg_covar, "float", 0)
-        check_number(name, "max_iter", self.max_iter, "int", 0)
-        check_number(name, "n_init", self.n_init, "int", 1)
-        check_number(name, "verbose", self.verbose, "int", 0)
-        check_number(name, "verbose_interval", self.verbose_interval, "int", 1)
-        if self.split_every is not None:
-            check_number(name, "split_every", self.split_every, "int", 2)
-        if self.persist not in ("auto", True, False):
-            raise InvalidParameterError(
-                f"The 'persist' parameter of {name} must be 'auto', True or False. "
-                f"Got {self.persist!r} instead.")
-        try:
-            Compute.from_options(self.device, self.dtype)
-        except ValueError as exc:
-            raise InvalidParameterError(f"Invalid 'device' or 'dtype' of {name}: {exc}") from None
         options = [*COVARIANCE_TYPES, "tied_full"]
         if self.covariance_type not in options:
             raise InvalidParameterError(
                 f"The 'covariance_type' parameter of {name} must be a str among "
                 f"{sorted(options)}. Got {self.covariance_type!r} instead."
             )
-        if self.init_params not in _INIT_METHODS:
-            raise InvalidParameterError(
-                f"The 'init_params' parameter of {name} must be a str among "
-                f"{sorted(_INIT_METHODS)}. Got {self.init_params!r} instead."
-            )
-        check_number(name, "var_regularization", self.var_regularization, "float", 0)
         for option, choices in (("on_collapse", ("reseed", "raise")),
                                 ("missing", ("raise", "marginalize")),
-                                ("cem", (False, True)), ("annealing", (False, True))):
+                                ("cem", (False, True))):
             if getattr(self, option) not in choices:
                 raise InvalidParameterError(
                     f"The {option!r} parameter of {name} must be one of {list(choices)}. Got "
                     f"{getattr(self, option)!r} instead.")
-        if self.annealing:
-            start = self.annealing_start
-            if isinstance(start, bool) or not isinstance(start, numbers.Real) or not (
-                0 < start <= 1
-            ):
-                raise InvalidParameterError(
-                    f"The 'annealing_start' parameter of {name} must be a float in (0, 1]. Got "
-                    f"{start!r} instead.")
-            if self.annealing_iter is not None:
-                check_number(name, "annealing_iter", self.annealing_iter, "int", 1)
-            if self.cem:
-                raise InvalidParameterError(
-                    f"{name}: annealing=True has no effect with cem=True (hard assignments do "
-                    "not depend on the temperature); choose one.")
+        if self.annealing and self.cem:
+            raise InvalidParameterError(
+                f"{name}: annealing=True has no effect with cem=True (hard assignments do "
+                "not depend on the temperature); choose one.")
         if self.missing == "marginalize" and (self.cem or self.annealing):
             raise InvalidParameterError(
                 f"{name}: missing='marginalize' works with plain EM and MAP estimation, not "
                 "with cem or annealing.")
-        get_criterion(self.stopping_criterion)  # raises on an unknown criterion
 
-    def _check_is_fitted(self):
-        if not hasattr(self, "means_"):
-            raise NotFittedError(
-                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
-                "appropriate arguments before using this estimator."
-            )
-
-    def _source(self, X, fitting=False, client=None):
-        source = as_source(X, chunk_size=self.chunk_size, block_bytes=block_bytes_for(client),
-                           slots=worker_slots(client))
-        n_samples, n_features = source.shape
-        if fitting:
-            if n_samples < self.n_components:
-                raise DataError(
-                    f"Expected n_samples >= n_components but got n_components = "
-                    f"{self.n_components}, n_samples = {n_samples}")
-        elif n_features != self.n_features_in_:
-            raise DataError(
-                f"X has {n_features} features, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input.")
-        return source
-
-    # -- fitting ----------------------------------------------------------------------------
-
-    @property
-    def _compute(self) -> Compute:
-        return Compute.from_options(self.device, self.dtype)
+    # -- the family ----------------------------------------------------------------------
 
     @property
     def _family(self) -> Gaussian:
         """The family of this estimator's options (its prior as resolved by the last fit)."""
-        annealing_iter = 0
-        if self.annealing:
-            annealing_iter = (self.annealing_iter if self.annealing_iter is not None
-                              else max(1, self.max_iter // 2))
+        annealing_iter = self._annealing_iter()
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar),
                         var_regularization=float(self.var_regularization),
@@ -347,89 +262,15 @@ default='full'
                         annealing_iter=int(annealing_iter), on_collapse=self.on_collapse,
                         missing=self.missing)
 
-    @property
-    def _scoring_family(self) -> Gaussian:
-        """The family for predictions and scores: soft responsibilities, untempered."""
-        return replace(self._family, cem=False, annealing_iter=0)
-
-    def fit(self, X, y=None, *, sample_weight=None, resume: bool = False, checkpoint=None,
-            monitor: Monitor | None = None):
-        """Estimate the parameters with EM.
-
-        Parameters
-        ----------
-        X : array-like, dask array, zarr array, or path/URL of a Zarr array
-            Data of shape (n_samples, n_features).
-        y : ignored
-        sample_weight : array-like, dask array, zarr array or path/URL, optional
-            Non-negative weight of each row, shape (n_samples,): EM maximises
-            ``sum_i w_i log p(x_i)`` (integer weights fit as repeated rows would), and
-            ``lower_bound_`` is the weighted mean. Initialisation ignores the weights.
-        resume : bool, default=False
-            Continue from the latest checkpoint in ``checkpoint`` if there is one (else start
-            afresh). The result is the one an uninterrupted fit gives. Without ``resume``, a
-            ``checkpoint`` directory must hold no checkpoints.
-        checkpoint : str or os.PathLike, optional
-            The checkpoint directory of this call, in place of the ``checkpoint`` parameter
-            (``fit(X, checkpoint=DIR, resume=True)``).
-        monitor : dmix.engine.Monitor, optional
-            Receives a record per iteration (the CLI prints them); replaces the ``verbose``
-            messages.
-
-        Returns
-        -------
-        self
-
-        Raises
-        ------
-        CheckpointMismatchError
-            If ``resume`` finds a checkpoint written for other data or incompatible options.
-        """
-        self._check_parameters()
-        # An unwritable directory fails before anything runs.
-        ckpt = self._checkpoint_dir(self.checkpoint if checkpoint is None else checkpoint)
-        client = resolve_client(self.client)
-        source, data, init_data, passes, compute = self._prepare_data(X, sample_weight, client)
-        n_features = source.shape[1]
+    def _before_fit(self, data, n_features, passes):
         self.prior_ = self._resolve_prior(data, n_features, passes)
-        family = self._family
-        user = self._check_user_init(family, n_features)
-        monitor = monitor or VerboseMonitor(self.verbose, self.verbose_interval)
 
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        n_init = self.n_init if do_init else 1
-        seed = seed_sequence_int(self.random_state)
-        loaded = None
-        if ckpt is not None:
-            loaded, seed = self._open_checkpoint(ckpt, resume, X, source, data, family, user,
-                                                 seed, n_init, client)
-            if loaded is not None:
-                monitor.resumed(ckpt.url, loaded.name, loaded.snapshot.restart,
-                                loaded.snapshot.run.n_iter)
-        initialize = self._initializer(family, init_data, user, seed, do_init, passes)
-        if sample_weight is not None:
-            family = replace(family, weighted=True)
-        tic = time.perf_counter()
-        # Initialisation reads ``data`` on the CPU; the E-steps read the blocks on the device.
-        em_data = place_on_device(data, client, compute, persist=self.persist)
-        options = dict(n_init=n_init, max_iter=self.max_iter, tol=self.tol,
-                       lower_bound=-math.inf if do_init else self.lower_bound_,
-                       monitor=monitor, compute=compute,
-                       stop=get_criterion(self.stopping_criterion), **passes)
-        snapshot = None if loaded is None else loaded.snapshot
-        # The restarts side by side, one pass per iteration for all; a checkpoint of restarts
-        # run one after the other (an older dmix) is continued that way.
-        if n_init > 1 and (snapshot is None or snapshot.runs is not None):
-            result = fit_restarts(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
-                                  **options)
-        else:
-            result = fit_em(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
-                            **options)
-        self._set_result(family, result, n_features)
-        self.fit_seconds_ = time.perf_counter() - tic
-        if ckpt is not None:
-            self.checkpoints_ = list(ckpt.saved)
-        return self
+    def _user_init(self, family, n_features):
+        return self._check_user_init(family, n_features)
+
+    def _initial_params(self, family, data, *, seed, restart, passes):
+        return _init.initial_params(family, data, self.n_components, self.init_params,
+                                    seed=seed, restart=restart, **passes)
 
     def _set_params(self, family: Gaussian, params):
         cov = family.covariance
@@ -439,6 +280,19 @@ default='full'
         self.precisions_cholesky_ = params["precisions_cholesky"]
         self.precisions_ = cov.precisions(params["precisions_cholesky"])
 
+    def _param_keys(self, family):
+        return ("weights", "means", "covariances", "precisions_cholesky")
+
+    def _check_loaded_params(self, family, params, where):
+        k, d = params["means"].shape if params["means"].ndim == 2 else (None, None)
+        shape = None if k is None else family.covariance.shape(k, d)
+        if (k is None or params["weights"].shape != (k,) or params["covariances"].shape != shape
+                or params["precisions_cholesky"].shape != shape):
+            raise DataError(
+                f"The model at {where!r} is inconsistent: parameter shapes "
+                f"{ {p: v.shape for p, v in params.items()} } do not fit the "
+                f"{family.covariance_type!r} covariance type.")
+
     @property
     def _params(self):
         return {
@@ -447,66 +301,6 @@ default='full'
             "covariances": self.covariances_,
             "precisions_cholesky": self.precisions_cholesky_,
         }
-
-    def fit_predict(self, X, y=None):
-        """Fit, then return the component of every row (consistent with ``predict``)."""
-        return self.fit(X).predict(X)
-
-    # -- inference --------------------------------------------------------------------------
-
-    def _per_row(self, X, method: str, out_columns):
-        """Apply a family method per row block: eagerly for NumPy input, lazily otherwise."""
-        self._check_is_fitted()
-        source = self._source(X)
-        family = self._scoring_family
-        fn = getattr(family, method)
-        compute = self._compute
-        if source.local is not None:
-            check_device_everywhere(compute, None)
-            return apply_batched(source.local, fn, family, self._params, self.n_components,
-                                 source=source.description, compute=compute)
-        return map_blocks(source.array, _apply_batched, fn, family, self._params,
-                          self.n_components, source.description, compute,
-                          out_columns=out_columns, dtype=np.float64,
-                          label=method.replace("_", ""))
-
-    def score_samples(self, X):
-        """Log-likelihood of each row, shape (n_samples,)."""
-        return self._per_row(X, "log_density", None)
-
-    def predict_proba(self, X):
-        """Posterior probability of each component for each row, shape (n_samples, K)."""
-        return self._per_row(X, "predict_proba", self.n_components)
-
-    def predict(self, X):
-        """Most probable component of each row, shape (n_samples,)."""
-        proba = self.predict_proba(X)
-        return proba.argmax(axis=1)
-
-    def score(self, X, y=None):
-        """Mean log-likelihood of the rows (one streamed pass for out-of-core input)."""
-        self._check_is_fitted()
-        client = resolve_client(self.client)
-        source = self._source(X, client=client)
-        compute = self._compute
-        check_device_everywhere(compute, client)
-        stats = estep_pass(self._scoring_family, source.array, self._params,
-                           source=source.description,
-                           split_every=self.split_every, client=client, compute=compute)
-        return float(stats["loglik"] / stats["n"])
-
-    def _n_parameters(self) -> int:
-        return self._family.n_parameters(self._params)
-
-    def bic(self, X):
-        """Bayesian information criterion: ``-2 log L + p log N`` (lower is better)."""
-        n = as_source(X).shape[0]
-        return -2 * self.score(X) * n + self._n_parameters() * math.log(n)
-
-    def aic(self, X):
-        """Akaike information criterion: ``-2 log L + 2 p`` (lower is better)."""
-        n = as_source(X).shape[0]
-        return -2 * self.score(X) * n + 2 * self._n_parameters()
 
     def sample(self, n_samples=1, *, component=None, confidence=None, std_range=None):
         """Draw ``(X, labels)`` from the fitted model, rows grouped by component.
@@ -529,25 +323,11 @@ default='full'
         X : ndarray of shape (n_samples, n_features)
         labels : ndarray of shape (n_samples,)
         """
-        self._check_is_fitted()
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or (
-            n_samples < 1
-        ):
-            raise InvalidParameterError(
-                f"Invalid value for 'n_samples': {n_samples!r}. The sampling requires at least "
-                "one sample.")
-        rng = np.random.default_rng(seed_sequence_int(self.random_state))
+        rng = self._sample_rng(n_samples)
         return self._family.sample(self._params, int(n_samples), rng, component=component,
                                    confidence=confidence, std_range=std_range)
 
-    # -- persistence ------------------------------------------------------------------------
-
-    def save(self, path, *, overwrite=False, storage_options=None):
-        """Save the fitted model as a Zarr group (see :func:`dmix.io.model.save_model`);
-        :func:`dmix.load` reads it back."""
-        from dmix.io.model import save_model
-
-        save_model(self, path, overwrite=overwrite, storage_options=storage_options)
+    # -- scikit-learn ------------------------------------------------------------------------
 
     def to_sklearn(self):
         """The equivalent fitted ``sklearn.mixture.GaussianMixture`` (see :mod:`dmix.convert`)."""
@@ -563,7 +343,3 @@ default='full'
 
         return from_sklearn(estimator, **params)
 
-
-def _apply_batched(x, fn, family, params, n_components, source, compute, *, start, index):
-    return apply_batched(x, fn, family, params, n_components, start=start, index=index,
-                         source=source, compute=compute)

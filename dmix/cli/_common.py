@@ -240,8 +240,32 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 3,2), got {text!r}")
+    return values
+
+
 def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool) -> None:
+    from dmix._registry import MODELS
+
     g = p.add_argument_group("model")
+    g.add_argument("--model", default="gmm", choices=list(MODELS),
+                   help="the mixture family: gmm (Gaussian), skew (skew-normal), dgmm (deep "
+                        "Gaussian mixture), gmn (Gaussian mixture network); default gmm")
+    g.add_argument("--skew-form", choices=["restricted", "unrestricted"], default="restricted",
+                   help="skew-normal form (--model skew; default %(default)s)")
+    g.add_argument("--layer-sizes", type=_int_list, metavar="K1,K2,...",
+                   help="components per layer, the first being the clusters (--model dgmm or "
+                        "gmn; default K,1)")
+    g.add_argument("--layer-dims", type=_int_list, metavar="R1,R2,...",
+                   help="latent dimensions per layer, non-increasing (--model dgmm or gmn; "
+                        "default: D-1, then halved per layer)")
     if n_components_required:
         g.add_argument("--n-components", "-k", type=_positive_int, required=True, metavar="K",
                        help="number of mixture components")

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import zarr
 
+from dmix._registry import family_defaults
 from dmix.cli._common import (
     ProgressMonitor,
     _add_cluster_options,
@@ -28,10 +29,7 @@ from dmix.cli._common import (
 )
 from dmix.datasets import make_mixture, match_components
 from dmix.errors import DmixError
-from dmix.estimators import GaussianMixture
 from dmix.estimators import resume as dmix_resume
-from dmix.families.base import family_spec
-from dmix.families.gaussian import Gaussian
 from dmix.io.checkpoint import CheckpointDir
 from dmix.io.model import save_model
 from dmix.io.source import as_source
@@ -97,13 +95,40 @@ def _cmd_make_data(args) -> int:
 # -- fit -------------------------------------------------------------------------------------
 
 
+def _model(args):
+    """The estimator class of ``--model`` and its own options."""
+    from dmix._registry import MODELS, estimator_classes
+
+    cls = estimator_classes().get(MODELS[args.model])
+    if cls is None:
+        raise DmixError(f"--model {args.model}: this version of dmix does not have it.")
+    deep = args.model in ("dgmm", "gmn")
+    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims)):
+        if value is not None and not deep:
+            raise DmixError(f"{flag} is an option of --model dgmm and gmn, not {args.model}.")
+    if args.model == "gmm":
+        return cls, {"covariance_type": args.covariance_type}
+    if args.covariance_type != "full":
+        raise DmixError(f"--covariance-type is an option of --model gmm, not {args.model}.")
+    if args.model == "skew":
+        return cls, {"form": args.skew_form}
+    sizes = args.layer_sizes or (args.n_components, 1)
+    if sizes[0] != args.n_components:
+        raise DmixError(f"--layer-sizes {','.join(map(str, sizes))}: the first layer's size is "
+                        f"the number of clusters, so it must equal -k {args.n_components}.")
+    return cls, {"layer_sizes": sizes, "layer_dims": args.layer_dims}
+
+
 def _estimator(args, client):
     resume = getattr(args, "resume", False)
     if args.seed is None and not resume:  # draw one, so that it is printed and saved
         args.seed = seed_sequence_int(None) % 2**32
         _say(f"Seed: {args.seed} (pass --seed {args.seed} to repeat this fit)")
-    return GaussianMixture(
-        n_components=args.n_components, covariance_type=args.covariance_type, tol=args.tol,
+    cls, own = _model(args)
+    if "layer_sizes" not in own:
+        own["n_components"] = args.n_components
+    return cls(
+        **own, tol=args.tol,
         reg_covar=args.reg_covar, max_iter=args.max_iter, n_init=args.n_init,
         init_params=args.init_params, random_state=args.seed, chunk_size=args.chunk_size,
         client=client, split_every=args.split_every,
@@ -204,7 +229,7 @@ def _cmd_resume(args) -> int:
 
 def _cmd_info(args) -> int:
     family, params, attrs = read_model(args.model)
-    defaults = family_spec(Gaussian())
+    defaults = family_defaults(family.get("name"))
     weights = np.asarray(params.get("weights", []))
     means = np.asarray(params.get("means", np.empty((0, 0))))
     k = weights.shape[0]
@@ -323,8 +348,8 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr group")
     p.set_defaults(func=_cmd_make_data)
 
-    p = sub.add_parser("fit", help="fit a Gaussian mixture to a Zarr array",
-                       description="Fit a Gaussian mixture by EM to the Zarr array DATA (or "
+    p = sub.add_parser("fit", help="fit a mixture model to a Zarr array",
+                       description="Fit a mixture model (--model) by EM to the Zarr array DATA (or "
                                    "the array X of the group DATA) on a Dask cluster.")
     p.add_argument("data", metavar="DATA.zarr", help="path or URL of a Zarr array or group")
     p.add_argument("--array", metavar="NAME",

@@ -22,6 +22,7 @@ from dmix.engine.loop import (
     _finished,
     batch_rows,
     complete_iteration,
+    n_components_of,
     step_family,
     warn_if_not_converged,
 )
@@ -47,7 +48,7 @@ def _combine_lists(combines, a, b):
 
 
 def _members(families, params_list, n_features: int, compute: Compute) -> tuple:
-    return tuple((f, p, batch_rows(f, n_features, np.shape(p["means"])[0], compute))
+    return tuple((f, p, batch_rows(f, n_features, n_components_of(p), compute))
                  for f, p in zip(families, params_list, strict=True))
 
 

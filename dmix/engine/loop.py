@@ -120,6 +120,12 @@ class History(Monitor):
         self.records.append(record)
 
 
+def n_components_of(params: Params) -> int:
+    """Components of ``params`` for sizing sub-batches (families without ``means`` size their
+    temporaries themselves)."""
+    return int(np.shape(params["means"])[0]) if "means" in params else 1
+
+
 def batch_rows(family, n_features: int, n_components: int, compute: Compute = _CPU) -> int:
     """Rows per sub-batch: :data:`SUBBATCH_ROWS`, fewer if temporaries pass
     :data:`SUBBATCH_BYTES`; on a GPU as many as :data:`GPU_SUBBATCH_BYTES` holds."""
@@ -188,7 +194,7 @@ def estep_pass(family, data, params: Params, *, source="the data", split_every=N
                client=None, compute: Compute = _CPU) -> Stats:
     """One pass over ``data``: the family's statistics at ``params``, reduced over all blocks,
     each block's E-step computed on ``compute.device`` in ``compute.dtype``."""
-    k, d = np.shape(params["means"]) if "means" in params else (1, data.shape[1])
+    k = n_components_of(params)
     rows = batch_rows(family, data.shape[1], k, compute)
     return map_reduce(
         data, _estep_block, family, params, rows, source, compute,
@@ -221,7 +227,7 @@ def worst_rows(family, data, params: Params, m: int, *, split_every=None, client
 
     One pass; each block returns its own ``m`` lowest and the tree keeps the ``m`` lowest.
     """
-    k = np.shape(params["means"])[0]
+    k = n_components_of(params)
     rows = batch_rows(family, data.shape[1], k, compute)
     _, _, found = map_reduce(
         data, _worst_block, family, params, m, rows, compute,

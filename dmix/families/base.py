@@ -115,4 +115,6 @@ def _plain(value):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, np.ndarray | np.generic):
         return value.tolist()
+    if isinstance(value, tuple | list):  # as JSON has them: a spec read back compares equal
+        return [_plain(v) for v in value]
     return value

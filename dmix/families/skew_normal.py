@@ -125,6 +125,9 @@ class SkewNormal:
         The annealing schedule of :meth:`for_iteration` (``annealing_iter = 0``: none).
     on_collapse : {'reseed', 'raise'}
         What the M-step does with a collapsed component.
+    weighted : bool
+        Blocks carry the rows' weights ``w_i >= 0`` as their last column: statistics are
+        ``sum_i w_i ...`` and ``n`` is ``sum_i w_i``.
     """
 
     name: ClassVar[str] = "skew_normal"
@@ -136,6 +139,7 @@ class SkewNormal:
     annealing_start: float = 1.0
     annealing_iter: int = 0
     on_collapse: str = "reseed"
+    weighted: bool = False
 
     def __post_init__(self):
         if self.form not in _FORMS:
@@ -224,11 +228,7 @@ class SkewNormal:
         if np.any(weights <= 0) or abs(np.sum(weights) - 1.0) > 1e-6:
             raise InvalidParameterError(
                 f"weights must be positive and sum to 1. Got {weights!r} instead.")
-        if not self._restricted and d > MAX_UNRESTRICTED_FEATURES:
-            raise InvalidParameterError(
-                f"form='unrestricted' supports at most {MAX_UNRESTRICTED_FEATURES} features "
-                f"(its E-step integrates a D-dimensional truncated normal per row); got "
-                f"D = {d}. Use form='restricted'.")
+        self.check_n_features(d)
         asymmetry = np.abs(covariances - np.swapaxes(covariances, 1, 2)).max(axis=(1, 2))
         bad = not_positive_definite(covariances) | (
             asymmetry > 1e-10 * np.abs(covariances).max(axis=(1, 2)))
@@ -319,10 +319,21 @@ class SkewNormal:
             wlp[j] += log_alpha
         return y, wlp, t1, t2
 
+    def check_n_features(self, n_features: int) -> None:
+        """Raise if the form cannot handle ``n_features`` features."""
+        if not self._restricted and n_features > MAX_UNRESTRICTED_FEATURES:
+            raise InvalidParameterError(
+                f"form='unrestricted' supports at most {MAX_UNRESTRICTED_FEATURES} features "
+                f"(its E-step integrates a D-dimensional truncated normal per row); got "
+                f"D = {n_features}. Use form='restricted'.")
+
     def estep(self, params: Params, x, xp, workspace: Workspace | None = None) -> Stats:
         """Statistics of block ``x`` (n, D) at ``params`` (see the module docstring), float64
         NumPy arrays whatever the namespace of ``x``."""
         ws = workspace or Workspace()
+        weights = None
+        if self.weighted:  # the last column holds the rows' weights
+            x, weights = x[:, :-1], x[:, -1]
         with quiet_nonfinite(xp):  # non-finite rows are counted below and reported
             y, wlp, t1, t2 = self._component_terms(params, x, xp, ws, latent=True)
             if self.inverse_temperature < 1:  # softmax(nu l), and the untempered loglik
@@ -340,10 +351,15 @@ class SkewNormal:
             log_norm = xp.where(ok, log_norm, 0.0)
             t1 = xp.where(ok.reshape((1, -1) + (1,) * (t1.ndim - 2)), t1, 0.0)
             t2 = xp.where(ok.reshape((1, -1) + (1,) * (t2.ndim - 2)), t2, 0.0)
+        n, loglik = float(y.shape[1]), float(xp.sum(log_norm))
+        if weights is not None:
+            weights = asarray_f64(weights, xp)
+            resp = resp * weights[None, :]
+            n, loglik = float(xp.sum(weights)), float(xp.sum(weights * log_norm))
         ry = y * resp[:, :, None]
         stats = {
-            "n": float(y.shape[1]),
-            "loglik": float(xp.sum(log_norm)),
+            "n": n,
+            "loglik": loglik,
             "n_nonfinite": float(n_bad),
             "nk": xp.sum(resp, axis=1),
             "y_sum": xp.sum(ry, axis=1),

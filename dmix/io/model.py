@@ -3,10 +3,9 @@
 A model (local path or fsspec URL) looks like::
 
     MODEL_DIR/
-      params/weights               (K,)         float64
-      params/means                 (K, D)       float64
-      params/covariances           shape of the covariance type, float64
-      params/precisions_cholesky   same shape, float64
+      params/NAME                  the family's parameter arrays, float64; for a Gaussian
+                                   mixture weights (K,), means (K, D), covariances and
+                                   precisions_cholesky (shape of the covariance type)
       settings/NAME                constructor parameters that are arrays (means_init...)
       attrs                        schema "dmix-model/1", estimator class name, family spec,
                                    settings (JSON), settings_arrays, the fitted scalars
@@ -14,8 +13,8 @@ A model (local path or fsspec URL) looks like::
                                    n_features_in_), versions, a SHA-256 of every array
                                    ("checksums"), and ``complete: true``, in one last write
 
-The ``params`` arrays are those of a checkpoint's ``run/params``. ``precisions_`` is not stored:
-the estimator recomputes it from ``precisions_cholesky`` when loaded.
+The ``params`` arrays are those of a checkpoint's ``run/params``. Derived attributes (a Gaussian
+mixture's ``precisions_``) are not stored: the estimator recomputes them when loaded.
 
 A save never leaves a half-written model that looks valid. On a local disk the group is written
 under a temporary sibling name and renamed into place (an existing model it replaces is first
@@ -45,14 +44,13 @@ __all__ = ["MODEL_SCHEMA", "load_model", "save_model"]
 
 #: Fitted attributes saved as JSON attributes, besides the parameter arrays.
 FITTED = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "n_features_in_")
-_PARAMS = ("weights", "means", "covariances", "precisions_cholesky")
 
 
 def _estimators() -> dict:
     """The estimator classes :func:`load_model` can rebuild, by class name."""
-    from dmix.estimators import GaussianMixture  # late: estimators may import this module
+    from dmix._registry import estimator_classes  # late: estimators may import this module
 
-    return {"GaussianMixture": GaussianMixture}
+    return estimator_classes()
 
 
 def _versions() -> dict:
@@ -116,7 +114,7 @@ def _contents(estimator, data: dict | None = None) -> tuple[dict, dict]:
     """The arrays (by path in the group) and the attributes of a fitted estimator."""
     from dmix.families.base import family_spec
 
-    if not hasattr(estimator, "means_"):
+    if not hasattr(estimator, getattr(estimator, "_fitted_attribute", "weights_")):
         raise NotFittedError(
             f"This {type(estimator).__name__} instance is not fitted yet: there is nothing to "
             "save. Call 'fit' before saving.")
@@ -200,7 +198,7 @@ def save_model(estimator, path, *, overwrite: bool = False,
 
     Parameters
     ----------
-    estimator : dmix.GaussianMixture
+    estimator : a dmix mixture estimator (GaussianMixture, SkewNormalMixture, ...)
         A fitted estimator.
     path : str or os.PathLike
         Local path or fsspec URL (``memory://``, ``s3://``...) of the model group.
@@ -299,7 +297,7 @@ def load_model(path, *, storage_options: dict | None = None):
 
     Returns
     -------
-    estimator : dmix.GaussianMixture
+    estimator : a dmix mixture estimator (GaussianMixture, SkewNormalMixture, ...)
         Rebuilt from the saved constructor parameters (``client`` is None), with the fitted
         attributes set as ``fit`` sets them.
 
@@ -339,9 +337,6 @@ def load_model(path, *, storage_options: dict | None = None):
 
     arrays = _read_arrays(group, attrs["checksums"], where)
     params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
-    missing = sorted(set(_PARAMS) - params.keys())
-    if missing:
-        raise DataError(f"The model at {where!r} has no parameter array(s) {missing}.")
     settings = dict(attrs.get("settings") or {})
     for key in attrs.get("settings_arrays") or []:
         settings[key] = arrays[f"settings/{key}"]
@@ -357,6 +352,7 @@ def load_model(path, *, storage_options: dict | None = None):
 
         estimator.prior_ = GaussianPrior.from_spec(prior)
 
+    estimator.n_features_in_ = int(attrs["n_features_in_"])  # some families need it
     from dmix.families.base import family_spec
 
     family = estimator._family
@@ -364,15 +360,13 @@ def load_model(path, *, storage_options: dict | None = None):
         raise DataError(
             f"The model at {where!r} is inconsistent: its family {attrs.get('family')} is not "
             f"the one its settings give, {family_spec(family)}.")
-    k, d = params["means"].shape if params["means"].ndim == 2 else (None, None)
-    shape = None if k is None else family.covariance.shape(k, d)
-    if (k is None or params["weights"].shape != (k,) or params["covariances"].shape != shape
-            or params["precisions_cholesky"].shape != shape):
+    expected = set(estimator._param_keys(family))
+    if set(params) != expected:
         raise DataError(
-            f"The model at {where!r} is inconsistent: parameter shapes "
-            f"{ {p: v.shape for p, v in params.items()} } do not fit the "
-            f"{family.covariance_type!r} covariance type.")
-    estimator._set_params(family, {p: params[p] for p in _PARAMS})
+            f"The model at {where!r} has parameter arrays {sorted(params)}; a {name} with its "
+            f"settings has {sorted(expected)}.")
+    estimator._check_loaded_params(family, params, where)
+    estimator._set_params(family, params)
     estimator.converged_ = bool(attrs["converged_"])
     estimator.n_iter_ = int(attrs["n_iter_"])
     estimator.lower_bound_ = _scalar(attrs["lower_bound_"])
@@ -381,9 +375,10 @@ def load_model(path, *, storage_options: dict | None = None):
     estimator.n_reseeded_ = int(attrs.get("n_reseeded_", 0))
     if attrs.get("fit_seconds_") is not None:
         estimator.fit_seconds_ = float(attrs["fit_seconds_"])
+    d = estimator._params_n_features(params)
     if estimator.n_features_in_ != d:
         raise DataError(
             f"The model at {where!r} is inconsistent: n_features_in_ = "
-            f"{estimator.n_features_in_} but the means have {d} features.")
+            f"{estimator.n_features_in_} but the parameters have {d} features.")
     return estimator
 
