@@ -497,6 +497,19 @@ def test_nonfinite_rows_are_counted_and_zeroed(family, d):
             np.testing.assert_allclose(got[key], expected[key], rtol=1e-12, atol=1e-12, err_msg=key)
 
 
+@pytest.mark.parametrize("form", ["restricted", "unrestricted"])
+def test_weighted_rows_equal_repeated_rows(form):
+    """weighted=True: a weight column of integers gives the statistics of the rows repeated."""
+    family = SkewNormal(form=form, weighted=True)
+    params = true_params(family, 2, 2)
+    x, _ = family.sample(params, 25, np.random.default_rng(0))
+    counts = np.random.default_rng(1).integers(0, 4, size=len(x))
+    got = family.estep(params, np.column_stack([x, counts]), np)
+    expected = SkewNormal(form=form).estep(params, np.repeat(x, counts, axis=0), np)
+    assert got["n"] == counts.sum()
+    assert_stats_allclose(got, expected, 1e-12)
+
+
 def test_lattice_e_step_does_not_depend_on_chunking():
     """The D = 3 unrestricted E-step (the lattice rule, per-row orderings and factors) gives the
     same statistics for the whole block, single rows and uneven pieces."""
