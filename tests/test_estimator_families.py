@@ -213,6 +213,20 @@ def test_cli_fit_model(case, client, stores, tmp_path, capsys):
     assert type(loaded).__name__ == name
     expected = _fit(case, x=store, max_iter=10, tol=0.0, chunk_size=200)
     _assert_same_model(loaded, expected, rtol=1e-10)
+    address = ["--scheduler", client.scheduler.address]
+    for command in (["score", store], ["predict", store, "--proba"],
+                    ["sample", "--n-samples", "500", "--seed", "3", "--chunk-size", "128"]):
+        assert cli_main([*command, "--model", str(out), "--output",
+                         str(tmp_path / command[0]), *address]) == 0
+    scores = zarr.open_group(tmp_path / "score", mode="r")
+    np.testing.assert_allclose(scores["log_density"][:], expected.score_samples(x), rtol=1e-10)
+    predicted = zarr.open_group(tmp_path / "predict", mode="r")
+    np.testing.assert_allclose(predicted["proba"][:], expected.predict_proba(x), rtol=1e-8,
+                               atol=1e-12)
+    np.testing.assert_array_equal(predicted["labels"][:], expected.predict(x))
+    drawn = zarr.open_group(tmp_path / "sample", mode="r")
+    assert drawn["X"].shape == (500, x.shape[1]) and drawn["labels"].shape == (500,)
+    assert abs(expected.score(drawn["X"][:]) - expected.score(x)) < 0.4
 
 
 def test_integer_sample_weights_fit_as_repeated_rows(case):

@@ -26,7 +26,9 @@ command holds more than a few blocks in memory, and only per-block sums reach th
 The rows that ``sample`` draws depend only on the model, the seed and their index (they are
 ``dmix.datasets.mixture_rows(params, row_seed)``, with ``row_seed`` derived from ``--seed``
 so that a sample never repeats the noise of ``dmix make-data --seed`` with the same seed), not
-on the chunk size or the cluster. An existing output is replaced only with ``--overwrite``,
+on the chunk size or the cluster. For the other families each block of rows comes from the
+family's ``sample`` with a generator keyed by the seed and the block's first row: the same
+for the same ``--chunk-size``, whatever the cluster. An existing output is replaced only with ``--overwrite``,
 never when it is a dmix model or the command's own input; a command that fails removes its
 partial output.
 """
@@ -51,7 +53,6 @@ from dmix.cli._common import (
 )
 from dmix.datasets import mixture_rows
 from dmix.errors import DataError
-from dmix.estimators import GaussianMixture
 from dmix.io.output import (
     OUTPUT_ATTR,
     check_output_target,
@@ -73,8 +74,9 @@ _SAMPLE_BLOCK_BYTES = 16 * 2**20
 # -- loading a model -------------------------------------------------------------------------
 
 
-def load_estimator(path, *, storage_options: dict | None = None, **overrides) -> GaussianMixture:
-    """A fitted :class:`~dmix.GaussianMixture` from a model saved by ``dmix fit --output``.
+def load_estimator(path, *, storage_options: dict | None = None, **overrides):
+    """A fitted estimator (:class:`~dmix.GaussianMixture`, :class:`~dmix.SkewNormalMixture`,
+    ...) from a model saved by ``dmix fit --output``.
 
     Parameters
     ----------
@@ -88,17 +90,15 @@ def load_estimator(path, *, storage_options: dict | None = None, **overrides) ->
 
     Returns
     -------
-    GaussianMixture
-        With the constructor parameters of the fit and the fitted
-        attributes set as ``fit`` sets them: ``weights_``, ``means_``, ``covariances_``,
-        ``precisions_cholesky_``, ``precisions_``, ``converged_``, ``n_iter_``,
-        ``lower_bound_``, ``lower_bounds_``, ``n_features_in_``.
+    estimator
+        With the constructor parameters of the fit and the fitted attributes set as ``fit``
+        sets them (``weights_``, ``converged_``, ``n_iter_``, ``lower_bound_``,
+        ``lower_bounds_``, ``n_features_in_`` and the family's parameters).
 
     Raises
     ------
     DataError
-        If there is no model at ``path``, it is not a Gaussian mixture, or its parameters are
-        inconsistent.
+        If there is no model at ``path``, or its parameters are inconsistent.
     InvalidParameterError
         If an override is not a constructor parameter.
     """
@@ -123,8 +123,10 @@ def _describe_source(source) -> str:
 
 
 def _describe_model(path: str, est) -> str:
-    return (f"Model: {path}: {est.n_components} component(s), {est.covariance_type} "
-            f"covariances, {est.n_features_in_} features")
+    kind = (f"{est.covariance_type} covariances" if hasattr(est, "covariance_type")
+            else type(est).__name__)
+    return (f"Model: {path}: {est.n_components} component(s), {kind}, "
+            f"{est.n_features_in_} features")
 
 
 def _prepare(args, what: str):
@@ -239,13 +241,28 @@ def _sample_block(params: dict, row_seed: int, start: int, stop: int):
     return x, labels.astype(np.int64, copy=False)
 
 
-def _sample_params(est) -> dict:
-    """``weights``, ``means`` and dense (K, D, D) ``covariances`` of a fitted estimator."""
+def _family_sample_block(family, params: dict, row_seed: int, start: int, stop: int):
+    """Rows ``[start, stop)`` from any family's ``sample``, with a generator keyed by the
+    seed and the block's first row (so the output does not depend on the cluster), shuffled
+    within the block (``sample`` groups rows by component)."""
+    rng = np.random.default_rng([row_seed, start])
+    x, labels = family.sample(params, stop - start, rng)
+    order = rng.permutation(stop - start)
+    return x[order], np.asarray(labels, dtype=np.int64)[order]
+
+
+def _sample_function(est, row_seed: int):
+    """The block function of ``dmix sample`` for ``est``: the keyed Gaussian generator of
+    :func:`dmix.datasets.mixture_rows` for Gaussian mixtures, the family's sampler else."""
+    if not hasattr(est, "covariance_type"):
+        return functools.partial(_family_sample_block, est._scoring_family, est._params,
+                                 row_seed)
     k, d = est.means_.shape
     cov = est._family.covariance
-    return {"weights": np.asarray(est.weights_, dtype=np.float64),
-            "means": np.asarray(est.means_, dtype=np.float64),
-            "covariances": cov.dense(est.covariances_, k, d)}
+    params = {"weights": np.asarray(est.weights_, dtype=np.float64),
+              "means": np.asarray(est.means_, dtype=np.float64),
+              "covariances": cov.dense(est.covariances_, k, d)}
+    return functools.partial(_sample_block, params, row_seed)
 
 
 def _cmd_sample(args) -> int:
@@ -255,11 +272,11 @@ def _cmd_sample(args) -> int:
     if args.seed is None:
         args.seed = seed_sequence_int(None) % 2**32
         _say(f"Seed: {args.seed} (pass --seed {args.seed} to repeat this sample)")
-    n, (k, d) = args.n_samples, est.means_.shape
+    n, k, d = args.n_samples, est.n_components, est.n_features_in_
     rows = args.chunk_size or max(1, _SAMPLE_BLOCK_BYTES // (8 * d))
     rows = min(rows, n)
     row_seed = _row_seed(args.seed)
-    block_fn = functools.partial(_sample_block, _sample_params(est), row_seed)
+    block_fn = _sample_function(est, row_seed)
     _say(_describe_model(args.model, est))
     with output_group(args.output, overwrite=args.overwrite, inputs=(args.model,),
                       what=what) as group, \
@@ -273,7 +290,8 @@ def _cmd_sample(args) -> int:
         n_per = np.asarray(written.summaries["labels"], dtype=np.int64)
         group.attrs[OUTPUT_ATTR] = _output_attrs(
             "sample", model=args.model, n_samples=n, seed=args.seed, row_seed=row_seed,
-            generator="dmix.datasets.mixture_rows", counts=n_per.tolist())
+            generator=("dmix.datasets.mixture_rows" if hasattr(est, "covariance_type")
+                       else f"{type(est._family).__name__}.sample"), counts=n_per.tolist())
     _say(_written_line(args.output, written, n, seconds))
     _say(_counts_line(n_per))
     _say(f"Model weights:     {_fmt_vector(est.weights_, limit=16)}")
