@@ -87,3 +87,11 @@ def test_bad_options_raise():
         dmix.DeepGaussianMixture(fit_method="sem").fit(X)
     with pytest.raises(InvalidParameterError, match="sample_weight"):
         _fit(dmix.GaussianMixtureNetwork, sample_weight=np.ones(len(X)))
+
+
+def test_save_and_load_keep_the_method(tmp_path):
+    model = _fit(dmix.GaussianMixtureNetwork)
+    model.save(tmp_path / "m")
+    loaded = dmix.load(tmp_path / "m")
+    assert loaded.fit_method == "stochastic"
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
