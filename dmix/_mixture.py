@@ -149,6 +149,11 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
     def _check_loaded_params(self, family, params: dict, where: str) -> None:
         """Check the shapes of ``params`` read from a saved model (raise DataError)."""
 
+    def _seeded_family(self, family, seed: int):
+        """The family the E-steps run with, given the fit's seed (after the checkpoint has
+        recorded ``family``'s spec): a family whose E-step draws random numbers takes it."""
+        return family
+
     # -- validation -------------------------------------------------------------------------
 
     def _annealing_iter(self) -> int:
@@ -228,7 +233,8 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
         """The family for predictions and scores: soft responsibilities, untempered."""
         family = self._family
         names = {f.name for f in fields(family)}
-        changes = {k: v for k, v in (("cem", False), ("annealing_iter", 0)) if k in names}
+        changes = {k: v for k, v in (("cem", False), ("annealing_iter", 0),
+                                     ("fit_method", "exact")) if k in names}
         return replace(family, **changes)
 
     # -- fitting ----------------------------------------------------------------------------
@@ -335,6 +341,7 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
         initialize = self._initializer(family, init_data, user, seed, do_init, passes)
         if sample_weight is not None:
             family = replace(family, weighted=True)
+        family = self._seeded_family(family, seed)
         tic = time.perf_counter()
         # Initialisation reads ``data`` on the CPU; the E-steps read the blocks on the device.
         em_data = place_on_device(data, client, compute, persist=self.persist)

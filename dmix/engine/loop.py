@@ -177,14 +177,24 @@ def _estep_block(x, start, index, family, params, rows, source, compute=_CPU):
 
     Statistics are additive (``dmix.families.base``); summing into one set of arrays and
     reusing the workspace leaves no allocation per sub-batch, which is what makes sub-batches
-    on Dask workers as fast as in a plain process (see :class:`~dmix.xp.Workspace`). On a
+    on Dask workers as fast as in a plain process (see :class:`~dmix.xp.Workspace`).
+    ``start`` is the global index of the block's first row: families with a true
+    ``needs_row_index`` get ``start=`` the global index of each sub-batch's first row. On a
     GPU the sub-batches are copied to the device as they are computed; the statistics come
     back as float64 NumPy arrays, summed here on the host.
     """
     stats, workspace = None, Workspace(compute.dtype)
+    # A family that keys random draws by the global row index (``needs_row_index``) is told
+    # the index of each sub-batch's first row; the others are called as before.
+    keyed, row = bool(getattr(family, "needs_row_index", False)), int(start)
     for part in batches(x, rows, compute):
-        stats = tree_accumulate(
-            stats, family.estep(params, part, get_namespace(part), workspace=workspace))
+        xp = get_namespace(part)
+        if keyed:
+            part_stats = family.estep(params, part, xp, workspace=workspace, start=row)
+            row += part.shape[0]
+        else:
+            part_stats = family.estep(params, part, xp, workspace=workspace)
+        stats = tree_accumulate(stats, part_stats)
     if stats["n_nonfinite"]:
         raise nonfinite_error(x, start, index, source, int(stats["n_nonfinite"]))
     return stats

@@ -49,6 +49,12 @@ class Family(Protocol):
         with a workspace may be views of its buffers, valid until the next call with it: the
         engine adds each sub-batch's statistics into its running sums at once
         (:func:`tree_accumulate`).
+
+        Row index (optional): a family whose attribute ``needs_row_index`` is true (a class
+        attribute or a property) is called as ``estep(params, x, xp, workspace=ws,
+        start=row)``, ``row`` the global index of ``x``'s first row in the data, so that
+        random draws keyed by the row (:func:`dmix.rng.keyed_uniform`) do not depend on the
+        chunking. Families without it (or with it false) are called without ``start``.
         """
 
     def combine(self, a: Stats, b: Stats) -> Stats:
@@ -104,10 +110,21 @@ def tree_allclose(a: Stats, b: Stats, rtol: float, atol: float = 0.0) -> bool:
     )
 
 
+#: Field metadata: a field with ``{SPEC_OMIT_DEFAULT: True}`` is left out of
+#: :func:`family_spec` while it has its default (per-iteration or per-fit state such as a
+#: stochastic E-step's iteration and seed, and options whose default keeps older specs valid).
+SPEC_OMIT_DEFAULT = "dmix_spec_omit_default"
+
+
 def family_spec(family) -> dict:
     """A JSON-serialisable description of a family: its name and hyperparameters (arrays, such
-    as a prior's, as nested lists)."""
-    return {"name": family.name, **_plain(dataclasses.asdict(family))}
+    as a prior's, as nested lists); fields marked :data:`SPEC_OMIT_DEFAULT` are left out while
+    at their default."""
+    values = dataclasses.asdict(family)
+    for f in dataclasses.fields(family):
+        if f.metadata.get(SPEC_OMIT_DEFAULT) and values.get(f.name) == f.default:
+            del values[f.name]
+    return {"name": family.name, **_plain(values)}
 
 
 def _plain(value):

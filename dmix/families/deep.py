@@ -33,9 +33,13 @@ about the Gaussian family's shift ``c = sum_s pi_s mu_s``. The M-step turns them
 ``T0, T1, T2`` about each path mean and runs the exact EM of section 3.3: every layer
 component's factor analyser is a regression of ``z^(l-1)`` on ``z^(l)`` with intercept, from
 posterior moments that are affine in the path statistics. EM is deterministic and never
-decreases the log-likelihood (with ``reg_covar = var_regularization = 0``). The paper's
-stochastic EM (section 3.2) is not offered: its draws must be keyed by the global row index,
-which the E-step protocol does not pass to a family.
+decreases the log-likelihood (with ``reg_covar = var_regularization = 0``).
+
+``fit_method="stochastic"``: the paper's stochastic EM (section 3.2), in
+:mod:`dmix.families._sem`: each row's path and latents are drawn from their posterior, keyed
+by ``(random_state, iteration, global row index, layer)`` (the family sets
+``needs_row_index``, so the engine passes each sub-batch's first row), and the M-step is the
+same regression on the drawn data. The statistics are then those of :mod:`~dmix.families._sem`.
 
 Regularisation and the policy for empty components:
 
@@ -54,14 +58,14 @@ Regularisation and the policy for empty components:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
 from dmix.errors import InvalidParameterError
-from dmix.families import _layers
-from dmix.families.base import Params, State, Stats, tree_add
+from dmix.families import _layers, _sem
+from dmix.families.base import SPEC_OMIT_DEFAULT, Params, State, Stats, tree_add
 from dmix.families.covariance import get_covariance
 from dmix.families.gaussian import Gaussian, _shift
 from dmix.xp import Workspace
@@ -108,6 +112,16 @@ class DeepGaussian:
         annealing); 1 is plain EM. ``loglik`` stays untempered.
     annealing_start, annealing_iter : float, int
         The annealing schedule of :meth:`for_iteration` (``annealing_iter = 0``: no annealing).
+    weighted : bool
+        The last column of a block holds row weights (exact EM only).
+    fit_method : {'exact', 'stochastic'}
+        ``'exact'``: EM from the path statistics (section 3.3). ``'stochastic'``: the paper's
+        stochastic EM (section 3.2, :mod:`dmix.families._sem`).
+    random_state : int
+        Seed of the stochastic E-step's draws (the estimator sets it from its
+        ``random_state``); unused by exact EM.
+    iteration : int
+        The EM iteration the stochastic E-step draws for (set by :meth:`for_iteration`).
     """
 
     name: ClassVar[str] = "dgmm"
@@ -120,6 +134,11 @@ class DeepGaussian:
     annealing_start: float = 1.0
     annealing_iter: int = 0
     weighted: bool = False
+    # Omitted from family_spec at their defaults: exact fits keep the specs of older dmix, and
+    # the per-fit seed and per-iteration counter never enter a checkpoint's or a model's spec.
+    fit_method: str = field(default="exact", metadata={SPEC_OMIT_DEFAULT: True})
+    random_state: int = field(default=0, metadata={SPEC_OMIT_DEFAULT: True})
+    iteration: int = field(default=0, metadata={SPEC_OMIT_DEFAULT: True})
 
     def __post_init__(self):
         sizes, dims = _layers.check_layers(self.layer_sizes, self.layer_dims,
@@ -139,6 +158,26 @@ class DeepGaussian:
         if not (isinstance(self.annealing_iter, int) and self.annealing_iter >= 0):
             raise InvalidParameterError(
                 f"annealing_iter must be an int >= 0. Got {self.annealing_iter!r} instead.")
+        if self.fit_method not in ("exact", "stochastic"):
+            raise InvalidParameterError(
+                f"The 'fit_method' parameter of {type(self).__name__} must be 'exact' or "
+                f"'stochastic'. Got {self.fit_method!r} instead.")
+        for name in ("random_state", "iteration"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InvalidParameterError(
+                    f"The {name!r} of {type(self).__name__} must be an int. Got {value!r} "
+                    "instead.")
+        if self.fit_method == "stochastic" and self.weighted:
+            raise InvalidParameterError(
+                f"{type(self).__name__} with fit_method='stochastic' does not take row "
+                "weights (sample_weight): use fit_method='exact' or repeat rows.")
+
+    @property
+    def needs_row_index(self) -> bool:
+        """Whether the E-step needs the global index of its first row (stochastic EM's
+        draws are keyed by it); the engine then passes ``start``."""
+        return self.fit_method == "stochastic"
 
     # -- structure -----------------------------------------------------------------------
 
@@ -276,8 +315,13 @@ class DeepGaussian:
     def _paths(self, params: Params, ws: Workspace) -> Params:
         return ws.memo("deep-paths", params, lambda: self._path_params(params))
 
-    def estep(self, params: Params, x, xp, workspace: Workspace | None = None) -> Stats:
+    def estep(self, params: Params, x, xp, workspace: Workspace | None = None, *,
+              start: int = 0) -> Stats:
+        """Statistics of block ``x`` (module docstring); ``start``, the global index of its
+        first row, keys the stochastic E-step's draws (unused by exact EM)."""
         ws = workspace or Workspace()
+        if self.fit_method == "stochastic":
+            return _sem.sem_estep(self, params, x, xp, ws, int(start))
         stats = self._gaussian.estep(self._paths(params, ws), x, xp, ws)
         return {"n": stats["n"], "loglik": stats["loglik"], "n_nonfinite": stats["n_nonfinite"],
                 "path_nk": stats["nk"], "path_s1": stats["s1"], "path_s2": stats["s2"]}
@@ -300,7 +344,11 @@ class DeepGaussian:
     def temp_bytes_per_row(self, n_features: int, n_components: int) -> int:
         # The Gaussian E-step's temporaries with K = P paths (``n_components`` is ignored:
         # the engine cannot know P), plus the path responsibilities of predict_proba.
-        return self._gaussian.temp_bytes_per_row(n_features, self.n_paths) + 8 * self.n_paths
+        out = self._gaussian.temp_bytes_per_row(n_features, self.n_paths) + 8 * self.n_paths
+        if self.fit_method == "stochastic":  # (n, P) copies; gathered gains and factors
+            r = sum(self.layer_dims)
+            out += 8 * (3 * self.n_paths + r * (n_features + 2 * r) + 4 * n_features**2)
+        return out
 
     # -- driver side ---------------------------------------------------------------------
 
@@ -318,17 +366,29 @@ class DeepGaussian:
         return t0, t1, t2
 
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
+        """Every layer's regression update and the weights (section 3.3); with
+        ``fit_method='stochastic'`` from the sums of the drawn data (section 3.2)."""
         comp = _layers.path_components(self.layer_sizes)
         intercepts, loadings, noise = self.layer_params(params)
-        structure = _layers.path_structure(intercepts, loadings, noise, comp)
-        paths = {"weights": np.exp(self.path_log_weights(params)), "means": structure.means[0]}
-        t0, t1, t2 = self._path_moments(stats, paths)
-        gains = _layers.path_gains(structure)
+        if self.fit_method == "stochastic":
+            c_a, c_b = _sem._layer_shifts(self, params)
+            t0 = np.asarray(stats["path_counts"], dtype=np.float64)
+            # a component needs r_l + 2 drawn rows for a non-singular C_bb and a noise estimate
+            fits = [_sem.regression_from_sums(stats, c_a[i], c_b[i], i,
+                                              max(r + 2.0, EMPTY_FRACTION * stats["n"]))
+                    for i, r in enumerate(self.layer_dims)]
+        else:
+            structure = _layers.path_structure(intercepts, loadings, noise, comp)
+            paths = {"weights": np.exp(self.path_log_weights(params)),
+                     "means": structure.means[0]}
+            t0, t1, t2 = self._path_moments(stats, paths)
+            gains = _layers.path_gains(structure)
+            fits = [_layers.regression_update(structure, t0, t1, t2, i + 1, k, gains,
+                                              EMPTY_FRACTION)
+                    for i, k in enumerate(self.layer_sizes)]
         layers, empty = [], np.zeros(self.n_layers)
         reg = self.reg_covar + self.var_regularization
-        for i, k in enumerate(self.layer_sizes):
-            fit = _layers.regression_update(structure, t0, t1, t2, i + 1, k, gains,
-                                            EMPTY_FRACTION)
+        for i, fit in enumerate(fits):
             psi = np.maximum(fit["noise_variances"], _layers.PSI_FLOOR * fit["input_variance"])
             lam = fit["loadings"]
             if self.var_regularization:
@@ -366,11 +426,15 @@ class DeepGaussian:
         With annealing, the inverse temperature rises geometrically from ``annealing_start``
         at iteration 0 to 1 at iteration ``annealing_iter``:
         ``nu_t = annealing_start ** (1 - t / annealing_iter)``, then stays at 1.
+        With ``fit_method='stochastic'`` it also records ``iteration``, which keys the draws.
         """
-        if not self.annealing_iter:
-            return self
-        frac = max(0.0, 1.0 - iteration / self.annealing_iter)
-        return replace(self, inverse_temperature=float(self.annealing_start ** frac))
+        changes = {}
+        if self.annealing_iter:
+            frac = max(0.0, 1.0 - iteration / self.annealing_iter)
+            changes["inverse_temperature"] = float(self.annealing_start ** frac)
+        if self.fit_method == "stochastic":
+            changes["iteration"] = int(iteration)
+        return replace(self, **changes) if changes else self
 
     def sample(self, params: Params, n_samples: int, rng: np.random.Generator, *,
                confidence=None, std_range=None):
