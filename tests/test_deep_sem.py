@@ -95,3 +95,21 @@ def test_save_and_load_keep_the_method(tmp_path):
     loaded = dmix.load(tmp_path / "m")
     assert loaded.fit_method == "stochastic"
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+
+
+def test_cli_fit_method_stochastic(tmp_path):
+    import zarr
+
+    from dmix.cli import main
+
+    path = tmp_path / "wine.zarr"
+    arr = zarr.create_array(path, shape=X.shape, chunks=(60, X.shape[1]), dtype="f8")
+    arr[:] = X
+    code = main(["fit", str(path), "-k", "3", "--model", "dgmm", "--layer-sizes", "3,1",
+                 "--layer-dims", "3,2", "--fit-method", "stochastic", "--seed", "0",
+                 "--max-iter", "12", "--tol", "0", "--n-workers", "1", "--dashboard-address",
+                 ":0", "--output", str(tmp_path / "m")])
+    assert code == 0
+    loaded = dmix.load(tmp_path / "m")
+    assert loaded.fit_method == "stochastic"
+    _assert_same(loaded, _fit(dmix.DeepGaussianMixture, x=str(path)), rtol=1e-10)

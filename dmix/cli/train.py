@@ -103,7 +103,8 @@ def _model(args):
     if cls is None:
         raise DmixError(f"--model {args.model}: this version of dmix does not have it.")
     deep = args.model in ("dgmm", "gmn")
-    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims)):
+    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims),
+                        ("--fit-method", args.fit_method)):
         if value is not None and not deep:
             raise DmixError(f"{flag} is an option of --model dgmm and gmn, not {args.model}.")
     if args.model == "gmm":
@@ -116,7 +117,8 @@ def _model(args):
     if sizes[0] != args.n_components:
         raise DmixError(f"--layer-sizes {','.join(map(str, sizes))}: the first layer's size is "
                         f"the number of clusters, so it must equal -k {args.n_components}.")
-    return cls, {"layer_sizes": sizes, "layer_dims": args.layer_dims}
+    return cls, {"layer_sizes": sizes, "layer_dims": args.layer_dims,
+                 "fit_method": args.fit_method or "exact"}
 
 
 def _estimator(args, client):
