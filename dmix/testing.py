@@ -249,6 +249,21 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 # -- the suite ---------------------------------------------------------------------------------
 
 
+def _estep(family, params, x, xp, *, start: int = 0, **kwargs):
+    """``family.estep``, told the global index ``start`` of the first row if the family keys
+    random draws by it (``needs_row_index``; see dmix.families.base)."""
+    if getattr(family, "needs_row_index", False):
+        kwargs["start"] = start
+    return family.estep(params, x, xp, **kwargs)
+
+
+def _estep_pieces(family, params, data, cuts) -> list:
+    """The statistics of the consecutive pieces of ``data`` cut at ``cuts``."""
+    starts = [0, *cuts]
+    return [_estep(family, params, piece, np, start=start)
+            for start, piece in zip(starts, split_rows(data, cuts), strict=True)]
+
+
 class FamilyTests:
     """The properties every mixture family must pass (subclass it; see the module docstring).
 
@@ -275,27 +290,27 @@ class FamilyTests:
     @given(hyp=st.data())
     def test_chunking_does_not_change_stats(self, family, params, data, hyp):
         """estep on the whole block == combine of estep on random consecutive pieces."""
-        whole = family.estep(params, data, np)
+        whole = _estep(family, params, data, np)
         cuts = hyp.draw(split_points(data.shape[0]), label="cuts")
-        parts = [family.estep(params, piece, np) for piece in split_rows(data, cuts)]
+        parts = _estep_pieces(family, params, data, cuts)
         assert_stats_allclose(combine_all(family, parts), whole, self.rtol)
         assert float(combine_all(family, parts)["n"]) == data.shape[0]
 
     def test_single_rows_and_uneven_pieces(self, family, params, data):
         """Pieces of 1, 1, 2, 3, 1, 17 rows and the rest (and every row alone) give the same."""
         n = data.shape[0]
-        whole = family.estep(params, data, np)
+        whole = _estep(family, params, data, np)
         cuts = np.cumsum([1, 1, 2, 3, 1, 17])
         assert cuts[-1] < n
-        parts = [family.estep(params, piece, np) for piece in split_rows(data, cuts)]
+        parts = _estep_pieces(family, params, data, cuts)
         assert_stats_allclose(combine_all(family, parts), whole, self.rtol)
-        rows = [family.estep(params, data[i : i + 1], np) for i in range(n)]
+        rows = [_estep(family, params, data[i : i + 1], np, start=i) for i in range(n)]
         assert_stats_allclose(combine_all(family, rows), whole, self.rtol)
 
     def test_empty_block_is_identity(self, family, params, data):
         """The statistics of a 0-row block (the engine's empty chunks) are neutral."""
-        whole = family.estep(params, data, np)
-        empty = family.estep(params, data[:0], np)
+        whole = _estep(family, params, data, np)
+        empty = _estep(family, params, data[:0], np)
         assert float(empty["n"]) == 0.0
         assert_stats_allclose(family.combine(whole, empty), whole, 0.0)
         assert_stats_allclose(family.combine(empty, whole), whole, 0.0)
@@ -309,20 +324,22 @@ class FamilyTests:
         from dmix.xp import Workspace
 
         n = data.shape[0]
-        pieces = split_rows(data, [n // 2, n // 2 + 1, n // 2 + 4])  # big, 1 row, 3 rows, rest
+        cuts = [n // 2, n // 2 + 1, n // 2 + 4]  # big, 1 row, 3 rows, rest
+        pieces = list(zip([0, *cuts], split_rows(data, cuts), strict=True))
         ws = Workspace()
         for order in (pieces, pieces[::-1]):  # growing and shrinking buffers
-            for piece in order:
-                stats = copy.deepcopy(family.estep(params, piece, np, workspace=ws))
-                assert_stats_allclose(stats, family.estep(params, piece, np), self.rtol)
+            for start, piece in order:
+                stats = copy.deepcopy(_estep(family, params, piece, np, workspace=ws,
+                                             start=start))
+                assert_stats_allclose(stats, _estep(family, params, piece, np, start=start),
+                                      self.rtol)
 
     # 2. combine is associative and commutative --------------------------------------------
 
     def test_combine_associative_and_commutative(self, family, params, data):
         """(a + b) + c == a + (b + c) within rounding; a + b == b + a exactly."""
         n = data.shape[0]
-        a, b, c = (family.estep(params, piece, np)
-                   for piece in split_rows(data, [n // 5, n // 2]))
+        a, b, c = _estep_pieces(family, params, data, [n // 5, n // 2])
         left = family.combine(family.combine(a, b), c)
         right = family.combine(a, family.combine(b, c))
         assert_stats_allclose(left, right, 1e-13)
@@ -333,7 +350,7 @@ class FamilyTests:
 
     def test_stats_keys_and_dtypes(self, family, params, data):
         """Stats carry n, loglik, n_nonfinite; every value is float64; n counts the rows."""
-        stats = family.estep(params, data, np)
+        stats = _estep(family, params, data, np)
         missing = [key for key in REQUIRED_STATS if key not in stats]
         assert not missing, f"statistics lack the required keys {missing}"
         for key, value in stats.items():
@@ -346,8 +363,8 @@ class FamilyTests:
     def test_float32_data_gives_float64_stats(self, family, params, data):
         """float32 data: float64 statistics, equal to those of the float64 upcast."""
         x32 = data.astype(np.float32)
-        stats32 = family.estep(params, x32, np)
-        stats64 = family.estep(params, x32.astype(np.float64), np)
+        stats32 = _estep(family, params, x32, np)
+        stats64 = _estep(family, params, x32.astype(np.float64), np)
         for key, value in stats32.items():
             assert np.asarray(value).dtype == np.float64, (key, np.asarray(value).dtype)
         assert_stats_allclose(stats32, stats64, self.rtol)
@@ -368,7 +385,7 @@ class FamilyTests:
         state: dict = {}
         bounds = []
         for _ in range(self.em_iterations):
-            stats = family.estep(params, data, np)
+            stats = _estep(family, params, data, np)
             bounds.append(family.objective(params, stats) if hasattr(family, "objective")
                           else float(stats["loglik"]) / float(stats["n"]))
             params, state = family.mstep(params, stats, state)
@@ -387,10 +404,10 @@ class FamilyTests:
         assert type(family2) is type(family)
         assert family2 == family
         _assert_params_equal(params2, params)
-        stats = family.estep(params, data, np)
+        stats = _estep(family, params, data, np)
         stats2 = pickle.loads(pickle.dumps(stats))
         assert_stats_allclose(stats2, stats, 0.0)
-        assert_stats_allclose(family2.estep(params2, data, np), stats, 0.0)
+        assert_stats_allclose(_estep(family2, params2, data, np), stats, 0.0)
         new, _ = family.mstep(params, stats, {})
         new2, _ = family2.mstep(params2, stats2, {})
         _assert_params_equal(new2, new)
@@ -399,7 +416,7 @@ class FamilyTests:
 
     def test_mstep_keeps_params_structure(self, family, params, data):
         """The M-step returns parameters with the same keys, shapes and float64 dtype."""
-        new, state = family.mstep(params, family.estep(params, data, np), {})
+        new, state = family.mstep(params, _estep(family, params, data, np), {})
         assert isinstance(state, dict)
         assert sorted(new) == sorted(params)
         for key in params:
@@ -419,7 +436,7 @@ class FamilyTests:
         """
         logp = family.log_density(params, data, np)
         resp = family.predict_proba(params, data, np)
-        stats = family.estep(params, data, np)
+        stats = _estep(family, params, data, np)
         assert logp.shape == (data.shape[0],)
         assert resp.ndim == 2 and resp.shape[0] == data.shape[0]
         assert np.all(resp >= 0)
@@ -475,7 +492,7 @@ class FamilyTests:
             stats_many = estep_pass(family, many, params, split_every=split_every)
             stats_one = estep_pass(family, one, params)
         assert_stats_allclose(stats_many, stats_one, self.rtol)
-        assert_stats_allclose(stats_one, family.estep(params, data, np), self.rtol)
+        assert_stats_allclose(stats_one, _estep(family, params, data, np), self.rtol)
 
     def test_checkpoint_round_trip(self, family, params, data, tmp_path):
         """EM stopped after a checkpoint and resumed from it ends bit for bit where an

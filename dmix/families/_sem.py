@@ -111,7 +111,7 @@ def _normals(seed: int, stream: int, rows: np.ndarray, n: int) -> np.ndarray:
 
 def _grouped(onehot: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``sum_i onehot[i, j] a_i b_i^T`` per group ``j``, (k, r_a, r_b)."""
-    outer = (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+    outer = (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], a.shape[1] * b.shape[1])
     return (onehot.T @ outer).reshape(onehot.shape[1], a.shape[1], b.shape[1])
 
 

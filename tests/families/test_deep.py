@@ -585,3 +585,21 @@ class TestGaussianMixtureNetworkConformance(TestDeepGaussianConformance):
 
     weights_key = None
     network = True
+
+
+class TestStochasticDeepGaussianConformance(TestDeepGaussianConformance):
+    """Stochastic EM: draws keyed by (seed, iteration, global row), so every chunking property
+    holds; the likelihood need not rise at every step (``monotone = False``)."""
+
+    monotone = False
+
+    @pytest.fixture
+    def family(self):
+        cls = GaussianNetwork if self.network else DeepGaussian
+        return cls((2, 2), (2, 1), reg_covar=1e-6, fit_method="stochastic",
+                   random_state=7).for_iteration(3)
+
+
+class TestStochasticGaussianNetworkConformance(TestStochasticDeepGaussianConformance):
+    weights_key = None
+    network = True
