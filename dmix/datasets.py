@@ -36,16 +36,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dmix._shapes import SHAPES, ShapeDataset, make_shape, shape_rows
 from dmix.errors import InvalidParameterError
 from dmix.rng import keyed_uniform
 
 __all__ = [
+    "SHAPES",
     "MixtureDataset",
+    "ShapeDataset",
     "make_blobs",
     "make_mixture",
     "match_components",
     "mixture_params",
     "mixture_rows",
+    "make_shape",
+    "shape_rows",
 ]
 
 # Stream numbers of the keyed uniforms, far from the small numbers the engine uses for its own

@@ -201,8 +201,9 @@ def test_quickstart(scheduler, capsys, tmp_path):
         (["make-data", "{tmp}/new.zarr", "-n", "10", "-d", "2", "-k", "2", "--chunk-size", "4",
           "--shard-size", "6"], 1,
          r"shards must be a multiple of chunk_size: 6 rows per shard is not a multiple of 4"),
-        (["make-data", "{tmp}/new.zarr", "-n", "10", "-d", "2"], 2,
-         r"the following arguments are required: --n-components/-k"),
+        (["make-data", "{tmp}/new.zarr", "-n", "10", "-d", "2"], 1,
+         r"make-data needs -d/--n-features and -k/--n-components for a Gaussian mixture, "
+         r"or --shape"),
         ([], 2, r"the following arguments are required: COMMAND"),
         (["frobnicate"], 2, r"invalid choice: 'frobnicate'"),
     ],

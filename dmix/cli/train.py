@@ -27,7 +27,7 @@ from dmix.cli._common import (
     _say,
     compute_options,
 )
-from dmix.datasets import make_mixture, match_components
+from dmix.datasets import SHAPES, ShapeDataset, make_mixture, make_shape, match_components
 from dmix.errors import DmixError
 from dmix.estimators import resume as dmix_resume
 from dmix.io.checkpoint import CheckpointDir
@@ -56,7 +56,8 @@ CODECS = {
 
 def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | None,
                    overwrite: bool, threads: int, codec: str = "none"):
-    """Write ``dataset`` to the group ``out``: array ``X`` block by block, group ``truth``."""
+    """Write ``dataset`` to the group ``out``: array ``X`` block by block, and for a mixture
+    its true parameters in the group ``truth``."""
     d = dataset.n_features
     if chunk_size is None:  # about 16 MiB per chunk, at most all rows
         chunk_size = max(1, min(dataset.n_samples, 16 * 2**20 // (d * dataset.dtype.itemsize)))
@@ -65,6 +66,18 @@ def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | 
     x = write_blocks(group, dataset.n_samples, d, dataset.rows, chunk_size, dataset.dtype,
                      shard_size, name="X", max_workers=threads, compressors=CODECS[codec]())
     seconds = time.perf_counter() - tic
+    n_chunks = -(-dataset.n_samples // chunk_size)
+    shards = f", shards of {shard_size} rows" if shard_size else ""
+    if isinstance(dataset, ShapeDataset):
+        group.attrs["dmix_dataset"] = {
+            "generator": "dmix.datasets.make_shape", "shape": dataset.shape_name,
+            "n_samples": dataset.n_samples, "n_features": 2, "seed": dataset.seed,
+            "dtype": dataset.dtype.name}
+        _say(f"Wrote {out}")
+        _say(f"  X      shape {x.shape}, {dataset.dtype.name}, {n_chunks} chunk(s) of "
+             f"{chunk_size} rows{shards}; {_nbytes(x.nbytes)} in {seconds:.2f} s")
+        _say(f"  a 2-D {dataset.shape_name}; seed {dataset.seed}")
+        return x
     write_params(group, "truth", dataset.params)
     group.attrs["dmix_dataset"] = {
         "generator": "dmix.datasets.make_mixture",
@@ -74,8 +87,6 @@ def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | 
         "seed": dataset.seed,
         "dtype": dataset.dtype.name,
     }
-    n_chunks = -(-dataset.n_samples // chunk_size)
-    shards = f", shards of {shard_size} rows" if shard_size else ""
     _say(f"Wrote {out}")
     _say(f"  X      shape {x.shape}, {dataset.dtype.name}, {n_chunks} chunk(s) of {chunk_size} "
          f"rows{shards}; {_nbytes(x.nbytes)} in {seconds:.2f} s")
@@ -85,8 +96,17 @@ def _write_dataset(out: str, dataset, chunk_size: int | None, shard_size: int | 
 
 
 def _cmd_make_data(args) -> int:
-    dataset = make_mixture(args.n_samples, args.n_features, args.n_components, args.seed,
-                           dtype=args.dtype, separation=args.separation)
+    if args.shape is not None:
+        if args.n_features not in (None, 2) or args.n_components is not None:
+            raise DmixError(f"--shape {args.shape} makes 2-D data without components: drop "
+                            "-d/--n-features and -k/--n-components.")
+        dataset = make_shape(args.shape, args.n_samples, args.seed, dtype=args.dtype)
+    elif args.n_features is None or args.n_components is None:
+        raise DmixError("make-data needs -d/--n-features and -k/--n-components for a "
+                        f"Gaussian mixture, or --shape (one of {sorted(SHAPES)}).")
+    else:
+        dataset = make_mixture(args.n_samples, args.n_features, args.n_components, args.seed,
+                               dtype=args.dtype, separation=args.separation)
     _write_dataset(args.out, dataset, args.chunk_size, args.shard_size, args.overwrite,
                    args.threads, args.codec)
     return 0
@@ -324,14 +344,19 @@ def _cmd_quickstart(args) -> int:
 def add_commands(sub) -> None:
     """Register make-data, fit, resume, info and quickstart on the ``dmix`` subparsers ``sub``."""
 
-    p = sub.add_parser("make-data", help="write a synthetic Gaussian mixture to a Zarr group",
+    p = sub.add_parser("make-data", help="write synthetic data to a Zarr group",
                        description="Write a synthetic Gaussian mixture to the Zarr group OUT: "
                                    "array X, written block by block, and its true parameters "
-                                   "in the subgroup truth.")
+                                   "in the subgroup truth; or, with --shape, a 2-D shape "
+                                   "(ring/donut, banana, cosine, funnel, spiral).")
     p.add_argument("out", metavar="OUT.zarr", help="path or URL of the group to create")
     p.add_argument("--n-samples", "-n", type=_positive_int, required=True, metavar="N")
-    p.add_argument("--n-features", "-d", type=_positive_int, required=True, metavar="D")
-    p.add_argument("--n-components", "-k", type=_positive_int, required=True, metavar="K")
+    p.add_argument("--n-features", "-d", type=_positive_int, metavar="D",
+                   help="features of the Gaussian mixture (not with --shape)")
+    p.add_argument("--n-components", "-k", type=_positive_int, metavar="K",
+                   help="components of the Gaussian mixture (not with --shape)")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="write this 2-D shape instead of a Gaussian mixture")
     p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
                    help="seed of the parameters and of the rows (default %(default)s)")
     p.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
