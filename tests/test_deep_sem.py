@@ -113,3 +113,29 @@ def test_cli_fit_method_stochastic(tmp_path):
     loaded = dmix.load(tmp_path / "m")
     assert loaded.fit_method == "stochastic"
     _assert_same(loaded, _fit(dmix.DeepGaussianMixture, x=str(path)), rtol=1e-10)
+
+
+def test_restarts_draw_with_their_own_keys():
+    from dmix.engine.grid import fit_restarts
+    from dmix.engine.loop import Monitor
+    from dmix.families.deep import DeepGaussian
+
+    family = DeepGaussian((3, 1), (3, 2), fit_method="stochastic", random_state=5)
+    assert family.for_restart(0) is family
+    keys = {family.for_restart(r).random_state for r in range(1, 4)}
+    assert len(keys) == 3 and 5 not in keys
+    exact = DeepGaussian((3, 1), (3, 2))
+    assert exact.for_restart(2) is exact
+
+    class Ends(Monitor):
+        runs = []
+
+        def end_init(self, init, result, seconds):
+            self.runs.append(result)
+
+    start = _fit(dmix.DeepGaussianMixture, max_iter=0).params_  # one start for both restarts
+    fit_restarts(family, da.from_array(X, chunks=60), lambda restart: start, n_init=2,
+                 max_iter=4, tol=0.0, monitor=Ends())
+    a, b = Ends.runs
+    assert a.lower_bounds[0] == b.lower_bounds[0]  # the same start...
+    assert a.lower_bounds[-1] != b.lower_bounds[-1]  # ...and other draws

@@ -23,6 +23,7 @@ from dmix.engine.loop import (
     batch_rows,
     complete_iteration,
     n_components_of,
+    restart_family,
     step_family,
     warn_if_not_converged,
 )
@@ -128,7 +129,8 @@ def fit_restarts(family, data, initialize, *, n_init: int, max_iter: int, tol: f
     if resume is None:
         save(runs, states)
     tic = time.perf_counter()
-    run_em_many([family] * n_init, data, runs, states, max_iter=max_iter, tol=tol, stop=stop,
+    run_em_many([restart_family(family, i) for i in range(n_init)], data, runs, states,
+                max_iter=max_iter, tol=tol, stop=stop,
                 monitor=monitor, on_pass=save, **passes)
     best = None
     for run in runs:

@@ -279,6 +279,11 @@ def step_family(family, iteration: int):
     return family.for_iteration(iteration) if hasattr(family, "for_iteration") else family
 
 
+def restart_family(family, restart: int):
+    """The family of restart ``restart`` (families with random draws key them by it)."""
+    return family.for_restart(restart) if hasattr(family, "for_restart") else family
+
+
 def _tempered(step) -> bool:
     return bool(getattr(step, "tempered", False))
 
@@ -422,7 +427,8 @@ def fit_em(
             ):
                 checkpoint.save(Snapshot(init, result, state, best))
 
-        run = run_em(family, data, run.params, max_iter=max_iter, tol=tol, init=init,
+        run = run_em(restart_family(family, init), data, run.params, max_iter=max_iter,
+                     tol=tol, init=init,
                      source=source, split_every=split_every, client=client, compute=compute,
                      monitor=monitor, start=run, state=state, on_iteration=save, stop=stop)
         monitor.end_init(init, run, time.perf_counter() - tic)

@@ -420,6 +420,15 @@ class DeepGaussian:
         """Whether the E-step tempers the responsibilities (then EM has not converged)."""
         return self.inverse_temperature < 1
 
+    def for_restart(self, restart: int):
+        """The family of restart ``restart``: under stochastic EM each restart draws with its
+        own key (restart 0 with the fit's seed itself); exact EM is the same family."""
+        if self.fit_method != "stochastic" or restart == 0:
+            return self
+        seed = np.random.SeedSequence([int(self.random_state) % 2**63, int(restart)])
+        return replace(self, random_state=int(seed.generate_state(1, dtype=np.uint64)[0]
+                                               % 2**63))
+
     def for_iteration(self, iteration: int):
         """The family for the E-step of iteration ``iteration`` (0 for the first).
 
