@@ -42,8 +42,6 @@ from dmix.io.store import MODEL_SCHEMA, _jsonable, check_target
 
 __all__ = ["MODEL_SCHEMA", "load_model", "save_model"]
 
-#: Fitted attributes saved as JSON attributes, besides the parameter arrays.
-FITTED = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "n_features_in_")
 
 
 def _estimators() -> dict:
@@ -371,7 +369,6 @@ def load_model(path, *, storage_options: dict | None = None):
     estimator.n_iter_ = int(attrs["n_iter_"])
     estimator.lower_bound_ = _scalar(attrs["lower_bound_"])
     estimator.lower_bounds_ = [_scalar(v) for v in attrs["lower_bounds_"]]
-    estimator.n_features_in_ = int(attrs["n_features_in_"])
     estimator.n_reseeded_ = int(attrs.get("n_reseeded_", 0))
     if attrs.get("fit_seconds_") is not None:
         estimator.fit_seconds_ = float(attrs["fit_seconds_"])
