@@ -10,7 +10,7 @@ import numpy as np
 
 from dmix._estimator_base import check_number
 from dmix.engine.loop import Monitor
-from dmix.engine.stopping import criterion_spec, get_criterion
+from dmix.engine.stopping import criterion_spec
 from dmix.errors import DmixError, InvalidParameterError
 from dmix.families.base import family_spec
 from dmix.io.checkpoint import (
@@ -68,12 +68,13 @@ class CheckpointMixin:
                              fingerprint=fingerprint, where=ckpt.url)
         ckpt.discard_after(None if loaded is None else loaded.name)
         settings = {k: v for k, v in self.get_params().items()
-                    if k not in ("client", "weights_init", "means_init", "precisions_init")}
+                    if k not in ("client", "weights_init", "means_init", "precisions_init",
+                                 "covariances_init")}
         if not isinstance(settings["random_state"], numbers.Integral):
             settings["random_state"] = None
         if settings["checkpoint"] is not None:
             settings["checkpoint"] = os.fspath(settings["checkpoint"])
-        criterion = get_criterion(self.stopping_criterion)
+        criterion = self._criterion()
         settings["stopping_criterion"] = criterion_spec(criterion)
         if settings["stopping_criterion"] is None:
             raise InvalidParameterError(

@@ -96,11 +96,33 @@ ENGINE_PARAMETERS = """\
 """
 
 
-def fill_doc(annealing_start: str = "0.1"):
-    """Class decorator: the shared parameter entries in place of ``{engine_parameters}``."""
+#: The entries that differ for estimators trained by gradients (no EM options).
+_GRADIENT_TOL = """\
+    tol : float, default=1e-4
+        With the default ``stopping_criterion``, the fit stops when the objective (the mean
+        log-likelihood, of the held-out rows if any) has not risen by more than ``tol`` in
+        ``n_iter_no_change`` steps.
+    max_iter : int, default=300
+        Number of optimizer steps (passes over the data) per initialisation.
+"""
+_GRADIENT_STOPPING = """\
+    stopping_criterion : str or callable, default='tol'
+        'tol': the patience rule above (:class:`dmix.engine.stopping.NoImprovement`); or any
+        criterion of :mod:`dmix.engine.stopping` or callable ``criterion(history) -> bool``.
+
+"""
+
+
+def fill_doc(annealing_start: str = "0.1", gradient: bool = False):
+    """Class decorator: the shared parameter entries in place of ``{engine_parameters}``
+    (those of gradient training with ``gradient=True``: no EM-only options)."""
 
     def fill(cls):
         text = ENGINE_PARAMETERS.replace("{annealing_start}", annealing_start)
+        if gradient:
+            text = (_GRADIENT_TOL + text[text.index("    n_init :"):
+                                         text.index("    var_regularization :")]
+                    + _GRADIENT_STOPPING)
         cls.__doc__ = cls.__doc__.replace("{engine_parameters}\n", text)
         return cls
 
@@ -114,6 +136,8 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
     _fitted_attribute = "weights_"
     #: ``missing`` for estimators without the option.
     missing = "raise"
+    #: The valid ``init_params``.
+    _init_methods = INIT_METHODS
 
     # -- hooks of the concrete estimators -----------------------------------------------------
 
@@ -182,10 +206,10 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
             Compute.from_options(self.device, self.dtype)
         except ValueError as exc:
             raise InvalidParameterError(f"Invalid 'device' or 'dtype' of {name}: {exc}") from None
-        if self.init_params not in INIT_METHODS:
+        if self.init_params not in self._init_methods:
             raise InvalidParameterError(
                 f"The 'init_params' parameter of {name} must be a str among "
-                f"{sorted(INIT_METHODS)}. Got {self.init_params!r} instead.")
+                f"{sorted(self._init_methods)}. Got {self.init_params!r} instead.")
         if self.annealing not in (False, True):
             raise InvalidParameterError(
                 f"The 'annealing' parameter of {name} must be one of [False, True]. Got "
@@ -201,7 +225,11 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
             if self.annealing_iter is not None:
                 check_number(name, "annealing_iter", self.annealing_iter, "int", 1)
         self._check_family_parameters()
-        get_criterion(self.stopping_criterion)  # raises on an unknown criterion
+        self._criterion()  # raises on an unknown criterion
+
+    def _criterion(self):
+        """The stopping criterion of the options."""
+        return get_criterion(self.stopping_criterion)
 
     def _check_is_fitted(self):
         if not hasattr(self, self._fitted_attribute):
@@ -234,7 +262,8 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
         family = self._family
         names = {f.name for f in fields(family)}
         changes = {k: v for k, v in (("cem", False), ("annealing_iter", 0),
-                                     ("fit_method", "exact")) if k in names}
+                                     ("fit_method", "exact"), ("batch_fraction", 1.0),
+                                     ("validation_fraction", 0.0)) if k in names}
         return replace(family, **changes)
 
     # -- fitting ----------------------------------------------------------------------------
@@ -348,7 +377,7 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
         options = dict(n_init=n_init, max_iter=self.max_iter, tol=self.tol,
                        lower_bound=-math.inf if do_init else self.lower_bound_,
                        monitor=monitor, compute=compute,
-                       stop=get_criterion(self.stopping_criterion), **passes)
+                       stop=self._criterion(), **passes)
         snapshot = None if loaded is None else loaded.snapshot
         # The restarts side by side, one pass per iteration for all; a checkpoint of restarts
         # run one after the other (an older dmix) is continued that way.

@@ -21,9 +21,11 @@ from dmix.engine.loop import (
     _estep_block,
     _finished,
     batch_rows,
+    block_subset,
     complete_iteration,
     n_components_of,
     restart_family,
+    restore_best,
     step_family,
     warn_if_not_converged,
 )
@@ -58,8 +60,15 @@ def estep_pass_many(families, data, params_list: list[Params], *, source="the da
     """The statistics of every ``(family, params)`` pair, from one pass over ``data``."""
     members = _members(families, params_list, data.shape[1], compute)
     combine = functools.partial(_combine_lists, tuple(f.combine for f in families))
+    # Runs step together, so a family that reads a subset of blocks per step (keyed by seed
+    # and step, not by restart) picks the same for all of them.
+    subsets = {None if s is None else tuple(s)
+               for s in (block_subset(f, data.numblocks[0]) for f in families)}
+    if len(subsets) > 1:
+        raise ValueError("Runs side by side must read the same blocks in a pass.")
     return map_reduce(data, _estep_many_block, members, source, compute, combine=combine,
-                      split_every=split_every, label="estep", client=client)
+                      split_every=split_every, label="estep", client=client,
+                      blocks=subsets.pop())
 
 
 def run_em_many(families, data, runs: list[EMResult], states: list[State] | None = None, *,
@@ -86,6 +95,8 @@ def run_em_many(families, data, runs: list[EMResult], states: list[State] | None
         active = [i for i in active if not _finished(runs[i], max_iter)]
         if on_pass is not None:
             on_pass(runs, states)
+    for family, run, state in zip(families, runs, states, strict=True):
+        restore_best(family, run, state)
     return runs
 
 

@@ -32,8 +32,10 @@ __all__ = [
     "Monitor",
     "Snapshot",
     "apply_batched",
+    "block_subset",
     "estep_pass",
     "fit_em",
+    "restore_best",
     "run_em",
     "worst_rows",
 ]
@@ -209,7 +211,25 @@ def estep_pass(family, data, params: Params, *, source="the data", split_every=N
     return map_reduce(
         data, _estep_block, family, params, rows, source, compute,
         combine=family.combine, split_every=split_every, label="estep", client=client,
+        blocks=block_subset(family, data.numblocks[0]),
     )
+
+
+def block_subset(family, n_blocks: int):
+    """The blocks a pass reads: all (None), or those the family's ``block_subset`` picks
+    (stochastic gradient steps read a random subset of chunks, keyed by seed and step)."""
+    pick = getattr(family, "block_subset", None)
+    return None if pick is None else pick(n_blocks)
+
+
+def restore_best(family, result: EMResult, state: State) -> EMResult:
+    """The run's result with the best parameters its family kept in the M-step state, where it
+    keeps them (gradient families stopping early on a held-out split); else as it is."""
+    best = getattr(family, "best_params", None)
+    found = None if best is None else best(state)
+    if found is not None:
+        result.params, result.lower_bound = found
+    return result
 
 
 def _worst_block(x, start, index, family, params, m, rows, compute=_CPU):
@@ -298,6 +318,9 @@ def complete_iteration(family, step, data, result: EMResult, stats: Stats, state
     previous_params = result.params
     params, state = step.mstep(previous_params, stats, state)
     collapsed = state.pop("collapsed", ())
+    # A gradient M-step's optimizer may declare convergence itself (L-BFGS: a vanishing
+    # gradient, or a line search that cannot improve any more).
+    settled = bool(state.pop("converged", False))
     if len(collapsed):
         rows = worst_rows(family, data, previous_params, len(collapsed), **passes)
         params = family.reseed(params, collapsed, rows)
@@ -321,8 +344,8 @@ def complete_iteration(family, step, data, result: EMResult, stats: Stats, state
             or len(collapsed)):
         reason = stop_reason(stop, FitHistory(result.lower_bounds, result.seconds, tol,
                                               result.initial))
-        result.converged = reason is Stop.CONVERGED
-        result.stopped = reason is Stop.BUDGET
+        result.converged = reason is Stop.CONVERGED or settled
+        result.stopped = reason is Stop.BUDGET and not settled
     monitor.end_iteration(IterationRecord(
         result.init, result.n_iter, lower_bound, lower_bound - previous, result.seconds[-1],
         n_reseeded=len(collapsed),
@@ -374,7 +397,7 @@ def run_em(
                                    stop=stop, passes=passes, tic=tic, monitor=monitor)
         if on_iteration is not None:
             on_iteration(result, state)
-    return result
+    return restore_best(family, result, state)
 
 
 def fit_em(

@@ -110,9 +110,11 @@ def map_reduce(
     split_every: int | None = None,
     label: str = "estep",
     client=None,
+    blocks=None,
 ):
     """Apply ``chunk_fn(block, first_row, block_index, *args)`` to every row block of ``data``
-    and reduce the results with ``combine`` over a tree of fan-in ``split_every``.
+    (or to the blocks whose indices ``blocks`` lists) and reduce the results with ``combine``
+    over a tree of fan-in ``split_every``.
 
     Returns the reduced value, computed on ``client`` if given, else on Dask's current
     scheduler (synchronous, threaded, or a default ``distributed.Client``).
@@ -120,22 +122,25 @@ def map_reduce(
     split_every = _check_split_every(split_every)
     tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).tolist()
-    shared = _shared_args(args, data.numblocks[0], tag)
+    chosen = range(data.numblocks[0]) if blocks is None else [int(i) for i in blocks]
+    if not chosen:
+        raise ValueError("map_reduce needs at least one block.")
+    shared = _shared_args(args, len(chosen), tag)
     # Uncompressed local Zarr blocks are read inside the task that uses them (one task per
     # block; no block waits in worker memory). Not with a shared parameters node: a task whose
     # only input is that node would be placed where it is, and every block would run there.
     reads = direct_reads(data) if shared is args else None
     if reads is not None:
-        blocks = [functools.partial(read, lo, hi) for read, lo, hi in reads]
+        every = [functools.partial(read, lo, hi) for read, lo, hi in reads]
     else:
-        blocks = data.to_delayed(optimize_graph=False).ravel()
+        every = data.to_delayed(optimize_graph=False).ravel()
     if shared is args:  # embedded: inside the callable, where Dask does not traverse them
         run, extra = dask.delayed(functools.partial(_run_chunk, chunk_fn, args), pure=True), ()
     else:
         run, extra = dask.delayed(functools.partial(_run_chunk, chunk_fn), pure=True), (shared,)
     parts = [
-        run(*extra, block, starts[i], i, dask_key_name=f"dmix-{label}-{tag}-{i}")
-        for i, block in enumerate(blocks)
+        run(*extra, every[i], starts[i], i, dask_key_name=f"dmix-{label}-{tag}-{i}")
+        for i in chosen
     ]
     level = 0
     while len(parts) > split_every:
