@@ -5,9 +5,10 @@ EM run with the :class:`FitHistory` so far; ``True`` stops the run. Stopping mea
 things, and each criterion says which through its attribute ``converges``:
 
 * **converged** (``converges = True``): the objective has settled. :class:`Tol` (the default,
-  scikit-learn's rule), :class:`Relative` and :class:`Aitken` are convergence tests, and so is
-  any user callable without the attribute: a user callable returning ``True`` means
-  converged.
+  scikit-learn's rule), :class:`Relative`, :class:`Aitken` and :class:`NoImprovement` (a
+  patience rule, for noisy objectives such as stochastic gradient steps or a held-out score)
+  are convergence tests, and so is any user callable without the attribute: a user callable
+  returning ``True`` means converged.
 * **stopped by a budget** (``converges = False``): the run is cut short although it has not
   settled, as it is at ``max_iter``. :class:`WallClock` is a budget: a run it stops reports
   ``converged_ = False`` (and the estimator's :class:`~dmix.errors.ConvergenceWarning`).
@@ -16,8 +17,8 @@ things, and each criterion says which through its attribute ``converges``:
 ``None`` (go on), and looks inside :class:`AnyOf`, which stops when any of its members does and
 reports convergence when a converging member fired.
 
-:func:`get_criterion` builds a criterion from a name, a string such as ``"wall_clock:600"`` or
-``"aitken|wall_clock:600"``, a JSON-compatible dict, a list of those (any of them), or returns a
+:func:`get_criterion` builds a criterion from a name, a string such as ``"wall_clock:600"``,
+``"no_improvement:20"`` or ``"aitken|wall_clock:600"``, a JSON-compatible dict, a list of those (any of them), or returns a
 callable as it is; :func:`criterion_spec` gives back the JSON form of a built-in criterion, to
 save it in a checkpoint (``None`` for a user callable, which cannot be saved).
 
@@ -49,6 +50,7 @@ __all__ = [
     "AnyOf",
     "Criterion",
     "FitHistory",
+    "NoImprovement",
     "Relative",
     "Stop",
     "Tol",
@@ -270,6 +272,59 @@ class Aitken:
         return bool(abs(limit - l1) < _tol(self.tol, history))  # False when limit is nan
 
 
+def _best(values) -> float:
+    """The largest of ``values``, ``-inf`` when empty; a NaN counts as ``-inf``."""
+    return max((v for v in values if not math.isnan(v)), default=-math.inf)
+
+
+@dataclass(frozen=True)
+class NoImprovement:
+    r"""Patience: stop when ``patience`` successive values brought no improvement above
+    ``tol``.
+
+    With :math:`p` = ``patience`` and :math:`n` values so far, stop when
+
+    .. math::
+
+        \max_{n - p < t \le n} \ell_t \;\le\; \max_{t \le n - p} \ell_t + \mathrm{tol},
+
+    never before there are :math:`p + 1` values. This is the rule of scikit-learn's
+    ``MLPClassifier`` (``n_iter_no_change``, ``tol``), measured here against the best value
+    *before* the window: a run creeping up by less than ``tol`` per iteration but by more
+    than ``tol`` over the window goes on (scikit-learn's running best would stop it).
+    Unlike :class:`Tol` it tolerates a non-monotone objective (stochastic gradient steps, a
+    held-out score), at the cost of ``patience`` iterations past the best one; pair it with
+    a family that keeps its best parameters. NaN values count as no improvement.
+
+    Parameters
+    ----------
+    patience : int, default=10
+        The window, an int >= 1.
+    tol : float, optional
+        The improvement that counts; default: the history's (the estimator's ``tol``).
+    """
+
+    converges: ClassVar[bool] = True
+    name: ClassVar[str] = "no_improvement"
+    patience: int = 10
+    tol: float | None = None
+
+    def __post_init__(self):
+        p = self.patience
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
+            raise _error("The 'patience' of NoImprovement must be an int >= 1. "
+                         f"Got {p!r} instead.")
+        object.__setattr__(self, "patience", int(p))
+        object.__setattr__(self, "tol", _check_tol(type(self).__name__, self.tol))
+
+    def __call__(self, history: FitHistory) -> bool:
+        values = history.values
+        if len(values) <= self.patience:
+            return False
+        before, window = values[:-self.patience], values[-self.patience:]
+        return _best(window) <= _best(before) + _tol(self.tol, history)
+
+
 @dataclass(frozen=True)
 class WallClock:
     """A time budget: stop once the run's iterations took ``seconds`` or more in all.
@@ -357,12 +412,17 @@ def stop_reason(criterion: Criterion, history: FitHistory) -> Stop | None:
 # -- specs -------------------------------------------------------------------------------------
 
 #: The built-in criteria by name.
-CRITERIA: dict[str, type] = {c.name: c for c in (Tol, Relative, Aitken, WallClock, AnyOf)}
+CRITERIA: dict[str, type] = {c.name: c for c in (Tol, Relative, Aitken, NoImprovement,
+                                                 WallClock, AnyOf)}
 
 #: The number a ``"name:value"`` string sets, per name.
-_NUMBER = {"tol": "tol", "relative": "tol", "aitken": "tol", "wall_clock": "seconds"}
+_NUMBER = {"tol": "tol", "relative": "tol", "aitken": "tol", "no_improvement": "patience",
+           "wall_clock": "seconds"}
+#: The keys a dict spec may give besides ``name``, per name (the default: its ``_NUMBER``).
+_KEYS = {"no_improvement": {"patience", "tol"}}
 
-_FORMS = ("None, 'tol', 'relative', 'aitken', 'wall_clock:<seconds>', 'name:<number>', "
+_FORMS = ("None, 'tol', 'relative', 'aitken', 'no_improvement:<patience>', "
+          "'wall_clock:<seconds>', 'name:<number>', "
           "several joined by '|' (any of them), a dict such as "
           "{'name': 'wall_clock', 'seconds': 600}, a list of those, or a callable "
           "history -> bool")
@@ -380,6 +440,13 @@ def _number(spec, text: str) -> float:
         raise _invalid(spec, f"{text!r} is not a number") from None
 
 
+def _integer(spec, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _invalid(spec, f"{text!r} is not an integer") from None
+
+
 def _from_string(spec: str, tol: float | None) -> Criterion:
     parts = [p.strip() for p in spec.split("|")]
     if len(parts) > 1:
@@ -389,7 +456,8 @@ def _from_string(spec: str, tol: float | None) -> Criterion:
     if name not in _NUMBER:
         raise _invalid(spec, f"unknown name {name!r}")
     if sep:
-        return _build(spec, name, {_NUMBER[name]: _number(spec, value.strip())}, tol)
+        parse = _integer if _NUMBER[name] == "patience" else _number
+        return _build(spec, name, {_NUMBER[name]: parse(spec, value.strip())}, tol)
     if name == "wall_clock":
         raise _invalid(spec, "wall_clock needs its seconds, e.g. 'wall_clock:600'")
     return _build(spec, name, {}, tol)
@@ -404,7 +472,7 @@ def _build(spec, name: str, kwargs: dict, tol: float | None) -> Criterion:
         return AnyOf(*members, tol=tol)
     if name == "wall_clock" and "seconds" not in kwargs:
         raise _invalid(spec, "wall_clock needs its 'seconds'")
-    allowed = {_NUMBER[name]}
+    allowed = _KEYS.get(name, {_NUMBER[name]})
     unknown = set(kwargs) - allowed
     if unknown:
         raise _invalid(spec, f"{name} takes {sorted(allowed)}, not {sorted(unknown)}")
@@ -423,11 +491,13 @@ def get_criterion(spec: Any = None, tol: float | None = None) -> Criterion:
     ----------
     spec : None, str, dict, list or callable
         * ``None`` or ``"tol"``: :class:`Tol` (scikit-learn's rule);
-        * ``"relative"``, ``"aitken"``; ``"name:<number>"`` sets the tolerance
-          (``"aitken:1e-6"``) or the budget (``"wall_clock:600"``, seconds);
-          ``"aitken|wall_clock:600"``: any of them (:class:`AnyOf`);
+        * ``"relative"``, ``"aitken"``, ``"no_improvement"``; ``"name:<number>"`` sets the
+          tolerance (``"aitken:1e-6"``), the patience (``"no_improvement:20"``, an integer
+          >= 1) or the budget (``"wall_clock:600"``, seconds); ``"aitken|wall_clock:600"``:
+          any of them (:class:`AnyOf`);
         * a dict, the JSON form of :func:`criterion_spec`: ``{"name": "tol"}``,
           ``{"name": "aitken", "tol": 1e-6}``, ``{"name": "wall_clock", "seconds": 600}``,
+          ``{"name": "no_improvement", "patience": 20, "tol": 1e-4}``,
           ``{"name": "any_of", "criteria": [...]}``;
         * a list or tuple of specs: any of them;
         * a callable ``history -> bool`` (a built-in criterion or the user's): returned as is.
@@ -444,7 +514,8 @@ def get_criterion(spec: Any = None, tol: float | None = None) -> Criterion:
     ------
     InvalidParameterError
         For an unknown name, a spec of another type (a number, a bool, a class), a missing,
-        negative or non-finite number; the message names the value and the valid names.
+        negative or non-finite number, a patience that is not an integer >= 1; the message
+        names the value and the valid names.
     """
     tol = _check_tol("get_criterion", tol)
     if spec is None:
@@ -483,6 +554,9 @@ def criterion_spec(criterion: Criterion) -> dict | None:
     if type(criterion) in (Tol, Relative, Aitken):
         return {"name": criterion.name} | ({} if criterion.tol is None
                                           else {"tol": criterion.tol})
+    if type(criterion) is NoImprovement:
+        return {"name": criterion.name, "patience": criterion.patience} | (
+            {} if criterion.tol is None else {"tol": criterion.tol})
     if type(criterion) is WallClock:
         return {"name": "wall_clock", "seconds": criterion.seconds}
     return None

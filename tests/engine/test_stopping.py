@@ -12,6 +12,7 @@ from dmix.engine.stopping import (
     Aitken,
     AnyOf,
     FitHistory,
+    NoImprovement,
     Relative,
     Stop,
     Tol,
@@ -173,6 +174,52 @@ def test_aitken_guards():
     assert Aitken(0.34)(history([0.0, 1.0, 0.5])) and not Aitken(0.33)(history([0.0, 1.0, 0.5]))
 
 
+# -- NoImprovement -----------------------------------------------------------------------------
+
+
+def test_no_improvement_waits_patience_iterations_past_the_best():
+    # best value 0.0 at the 3rd; then 4 values no better: with patience 3, the window of the
+    # 6th value (-0.5, -0.2, -0.1) is the first whose best is not above 0.0 + tol
+    values = [-2.0, -1.0, 0.0, -0.5, -0.2, -0.1, -0.3]
+    assert first_stop(NoImprovement(3, tol=0.0), values) == 6
+    assert first_stop(NoImprovement(4, tol=0.0), values) == 7
+    assert first_stop(NoImprovement(5, tol=0.0), values) is None
+    assert first_stop(NoImprovement(1, tol=0.0), values) == 4  # the first value not above
+    # tol: an improvement must exceed it; 0.0 -> 0.25 is one with tol 0.2, not with tol 0.25
+    rising = [-1.0, 0.0, -0.1, 0.25, 0.1, 0.2, 0.0]
+    assert first_stop(NoImprovement(3, tol=0.2), rising) == 7
+    assert first_stop(NoImprovement(3, tol=0.25), rising) == 5
+    assert first_stop(NoImprovement(3), rising, tol=0.25) == 5  # the history's tol by default
+
+
+def test_no_improvement_needs_patience_plus_one_values():
+    flat = [1.0] * 6
+    assert first_stop(NoImprovement(5, tol=0.0), flat) == 6
+    assert not NoImprovement(5, tol=1.0)(history(flat[:5]))
+    # a warm start's initial value counts as the first
+    assert NoImprovement(5, tol=0.0)(history(flat[:5], initial=1.0))
+    assert NoImprovement.converges and NoImprovement().patience == 10
+
+
+def test_no_improvement_measures_against_the_best_before_the_window():
+    # +0.6 tol per iteration: scikit-learn's running best would stop this run, this rule does
+    # not (the window gains 3 * 0.6 = 1.8 tol over the value before it)
+    creeping = [0.6e-3 * t for t in range(30)]
+    assert first_stop(NoImprovement(3), creeping, tol=1e-3) is None
+    assert first_stop(NoImprovement(1), creeping, tol=1e-3) == 2
+    # a noisy, non-monotone run: stops once the last best (t = 4) is 2 values old
+    noisy = [-3.0, -1.0, -2.0, -0.9, -0.5, -0.7, -0.6, -0.55]
+    assert first_stop(NoImprovement(2, tol=0.0), noisy) == 7
+    assert first_stop(Tol(), noisy, tol=0.06) == 8  # Tol stops on |change| alone
+
+
+def test_no_improvement_nan_counts_as_no_improvement():
+    assert NoImprovement(2, tol=0.0)(history([1.0, math.nan, math.nan]))
+    assert NoImprovement(2, tol=0.0)(history([1.0, math.nan, 0.5]))
+    assert not NoImprovement(2, tol=0.0)(history([1.0, math.nan, 1.5]))
+    assert not NoImprovement(1, tol=0.0)(history([math.nan, -5.0]))  # -5 > -inf
+
+
 # -- WallClock, AnyOf, stop_reason --------------------------------------------------------------
 
 
@@ -239,6 +286,11 @@ def test_any_of():
     ("wall_clock:600", WallClock(600)),
     ("wall-clock:1.5", WallClock(1.5)),
     ("aitken|wall_clock:600", AnyOf(Aitken(), WallClock(600))),
+    ("no_improvement", NoImprovement()),
+    ("no_improvement:20", NoImprovement(20)),
+    ("No-Improvement: 3|wall_clock:5", AnyOf(NoImprovement(3), WallClock(5))),
+    ({"name": "no_improvement", "patience": 20, "tol": 1e-4}, NoImprovement(20, 1e-4)),
+    ({"name": "no_improvement"}, NoImprovement(10)),
     ({"name": "tol"}, Tol()),
     ({"name": "aitken", "tol": 1e-6}, Aitken(1e-6)),
     ({"name": "wall_clock", "seconds": 600}, WallClock(600.0)),
@@ -256,6 +308,7 @@ def test_get_criterion_tol_fills_the_named_criteria():
     assert get_criterion("aitken", 1e-4) == Aitken(1e-4)
     assert get_criterion("aitken:1e-6", 1e-4) == Aitken(1e-6)  # its own tol wins
     assert get_criterion("aitken|wall_clock:9", 1e-4) == AnyOf(Aitken(1e-4), WallClock(9))
+    assert get_criterion("no_improvement:4", 1e-4) == NoImprovement(4, 1e-4)
     assert get_criterion(Tol(), 1e-4) == Tol()  # an object is returned as it is
 
 
@@ -273,6 +326,8 @@ def test_user_callable_is_returned_as_is():
     None, "tol", "relative:1e-5", "aitken", "aitken:1e-8", "wall_clock:600",
     "aitken|wall_clock:0.5", {"name": "relative", "tol": 0.25},
     ["tol", ["aitken:1e-6", "wall_clock:3"]],
+    "no_improvement", "no_improvement:20", {"name": "no_improvement", "patience": 7, "tol": 0.5},
+    "no_improvement:3|wall_clock:60",
 ])
 def test_spec_round_trips_through_json(spec):
     criterion = get_criterion(spec)
@@ -285,6 +340,9 @@ def test_spec_values():
     assert criterion_spec(Tol()) == {"name": "tol"}
     assert criterion_spec(Aitken(1e-6)) == {"name": "aitken", "tol": 1e-6}
     assert criterion_spec(WallClock(600)) == {"name": "wall_clock", "seconds": 600.0}
+    assert criterion_spec(NoImprovement(20)) == {"name": "no_improvement", "patience": 20}
+    assert criterion_spec(NoImprovement(3, 1e-4)) == {"name": "no_improvement", "patience": 3,
+                                                      "tol": 1e-4}
     assert criterion_spec(get_criterion("aitken|wall_clock:600")) == {
         "name": "any_of",
         "criteria": [{"name": "aitken"}, {"name": "wall_clock", "seconds": 600.0}],
@@ -304,6 +362,15 @@ def test_spec_values():
     ("aitken:abc", "'abc' is not a number"),
     ("tol:-0.5", "-0.5"),
     ("aitken|bogus", "'bogus'"),
+    ("no_improvement:2.5", "'2.5' is not an integer"),
+    ("no_improvement:1e1", "'1e1' is not an integer"),
+    ("no_improvement:abc", "'abc' is not an integer"),
+    ("no_improvement:0", "int >= 1"),
+    ("no_improvement:-3", "-3"),
+    ({"name": "no_improvement", "patience": 2.0}, "Got 2.0"),
+    ({"name": "no_improvement", "patience": True}, "Got True"),
+    ({"name": "no_improvement", "tol": -1.0}, "-1.0"),
+    ({"name": "no_improvement", "seconds": 3}, "'seconds'"),
     ({"name": "wall_clock", "seconds": -5}, "-5"),
     ({"name": "wall_clock", "seconds": float("nan")}, "nan"),
     ({"name": "wall_clock"}, "wall_clock"),
@@ -325,13 +392,15 @@ def test_invalid_specs(spec, fragment):
     assert fragment in message
     if not isinstance(spec, list):
         assert "Invalid stopping criterion" in message
-        assert "['aitken', 'any_of', 'relative', 'tol', 'wall_clock']" in message
+        assert ("['aitken', 'any_of', 'no_improvement', 'relative', 'tol', 'wall_clock']"
+                in message)
 
 
 @pytest.mark.parametrize("build", [
     lambda: Tol(-1e-3), lambda: Relative(float("nan")), lambda: Aitken(math.inf),
     lambda: Tol("0.1"), lambda: WallClock(-1), lambda: WallClock(float("nan")),
     lambda: WallClock(True), lambda: get_criterion("tol", tol=-1.0), lambda: AnyOf(),
+    lambda: NoImprovement(0), lambda: NoImprovement(2.5), lambda: NoImprovement(3, -1e-3),
 ])
 def test_invalid_numbers(build):
     with pytest.raises(InvalidParameterError):
