@@ -22,6 +22,7 @@ from dmix.families.gaussian import Gaussian
 from dmix.io.model import load_model as load
 from dmix.selection import Selection, select
 from dmix.skew_normal_mixture import SkewNormalMixture
+from dmix.squared_mixture import SquaredGaussianMixture
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "NotFittedError",
     "Selection",
     "SkewNormalMixture",
+    "SquaredGaussianMixture",
     "__version__",
     "load",
     "resume",

@@ -11,6 +11,7 @@ MODELS = {
     "skew": "SkewNormalMixture",
     "dgmm": "DeepGaussianMixture",
     "gmn": "GaussianMixtureNetwork",
+    "squared": "SquaredGaussianMixture",
 }
 
 
@@ -20,9 +21,11 @@ def estimator_classes() -> dict[str, type]:
     from dmix.deep_mixture import DeepGaussianMixture, GaussianMixtureNetwork
     from dmix.estimators import GaussianMixture
     from dmix.skew_normal_mixture import SkewNormalMixture
+    from dmix.squared_mixture import SquaredGaussianMixture
 
     return {cls.__name__: cls for cls in (GaussianMixture, SkewNormalMixture,
-                                          DeepGaussianMixture, GaussianMixtureNetwork)}
+                                          DeepGaussianMixture, GaussianMixtureNetwork,
+                                          SquaredGaussianMixture)}
 
 
 def family_defaults(name: str) -> dict:
@@ -32,8 +35,10 @@ def family_defaults(name: str) -> dict:
     from dmix.families.deep import DeepGaussian, GaussianNetwork
     from dmix.families.gaussian import Gaussian
     from dmix.families.skew_normal import SkewNormal
+    from dmix.families.squared import SquaredGaussian
 
-    classes = {cls.name: cls for cls in (Gaussian, SkewNormal, DeepGaussian, GaussianNetwork)}
+    classes = {cls.name: cls for cls in (Gaussian, SkewNormal, DeepGaussian, GaussianNetwork,
+                                         SquaredGaussian)}
     cls = classes.get(name)
     if cls is None:
         return {}

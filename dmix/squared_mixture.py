@@ -218,7 +218,9 @@ default='kmeans'
         return SquaredGaussian(
             covariance_type=self.covariance_type, reg_covar=float(self.reg_covar),
             optimizer=self.optimizer, learning_rate=float(self.learning_rate),
-            learning_rate_schedule=self.learning_rate_schedule, max_iter=int(self.max_iter),
+            learning_rate_schedule=self.learning_rate_schedule,
+            schedule_steps=(0 if self.learning_rate_schedule == "constant"
+                            else max(1, int(self.max_iter))),
             batch_fraction=float(self.batch_fraction),
             validation_fraction=float(self.validation_fraction),
             on_collapse=self.on_collapse)
@@ -276,26 +278,35 @@ default='kmeans'
     def _initial_params(self, family, data, *, seed, restart, passes):
         k, d = self.n_components, data.shape[1] - (1 if family.weighted else 0)
         data = data[:, :d]
-        cov_type = self.covariance_type
-        if self.init_params == "nested":
+        diag = self.covariance_type == "diag"
+        if self.init_params in ("nested", "k-means++", "random_from_data"):
             _, mean, cov = _init.data_moments(data, split_every=passes["split_every"],
                                               client=passes["client"])
+            cov = cov + self.reg_covar * np.eye(d)
+        if self.init_params == "nested":
             jitter = keyed_uniform(seed, _NESTED_STREAM + restart, np.arange(k), d) - 0.5
             means = mean + 0.2 * jitter * np.sqrt(np.diag(cov))
-            scale = 0.5 ** np.arange(k)
-            covariances = scale[:, None, None] * (cov + self.reg_covar * np.eye(d))
-            if cov_type == "diag":
+            covariances = 0.5 ** np.arange(k)[:, None, None] * cov
+            if diag:
                 covariances = np.diagonal(covariances, axis1=1, axis2=2).copy()
-            weights = (-1.0) ** np.arange(k)
-            return {"weights": weights, "means": means, "covariances": covariances}
-        gaussian = Gaussian(covariance_type=cov_type, reg_covar=float(self.reg_covar))
+            return {"weights": (-1.0) ** np.arange(k), "means": means,
+                    "covariances": covariances}
+        gaussian = Gaussian(covariance_type=self.covariance_type,
+                            reg_covar=float(self.reg_covar))
         start = _init.initial_params(gaussian, data, k, self.init_params, seed=seed,
                                      restart=restart, **passes)
+        covariances = start["covariances"]
+        if self.init_params in ("k-means++", "random_from_data"):
+            # Seeded at single rows, whose covariance is reg_covar (EM's first step fixes
+            # that, a gradient step would not): the data covariance, shared out.
+            covariances = np.broadcast_to(np.diag(cov) if diag else cov,
+                                          (k,) + covariances.shape[1:]) / k ** (2.0 / d)
+            start = {**start, "weights": np.full(k, 1.0 / k)}
         # N(x; mu, S)^2 = N(x; mu, S / 2) / sqrt(det(4 pi S)): squaring halves the spread, so
         # Sigma = 2 S, and w_i^2 / sqrt(det(4 pi Sigma_i)) proportional to pi_i gives about
         # the Gaussian start's density where the components do not overlap.
-        covariances = 2.0 * start["covariances"]
-        dense = covariances if cov_type == "full" else covariances[..., None] * np.eye(d)
+        covariances = 2.0 * covariances
+        dense = covariances[..., None] * np.eye(d) if diag else covariances
         log_det = np.linalg.slogdet(4 * np.pi * dense)[1]
         weights = np.sqrt(start["weights"]) * np.exp(0.25 * (log_det - np.mean(log_det)))
         return {"weights": weights, "means": start["means"], "covariances": covariances}

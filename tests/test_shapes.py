@@ -23,12 +23,13 @@ def test_rows_do_not_depend_on_the_blocks_and_the_seed_matters(shape):
     assert shape_rows(shape, 3, 0, 10, dtype=np.float32).dtype == np.float32
 
 
-def test_ring_radius_and_angle():
-    x = make_shape("donut", N, seed=1).rows(0, N)
+@pytest.mark.parametrize("shape, width", [("ring", 0.25), ("donut", 0.5)])
+def test_ring_radius_and_angle(shape, width):
+    x = make_shape(shape, N, seed=1).rows(0, N)
     radius, angle = np.hypot(x[:, 0], x[:, 1]), np.arctan2(x[:, 1], x[:, 0])
-    # radius ~ N(3, 0.25^2): standard errors 5.6e-4 and 4e-4
-    assert radius.mean() == pytest.approx(3.0, abs=3e-3)
-    assert radius.std() == pytest.approx(0.25, abs=2e-3)
+    # radius ~ N(3, width^2): standard errors width / 447 and width / 632
+    assert radius.mean() == pytest.approx(3.0, abs=width / 80)
+    assert radius.std() == pytest.approx(width, abs=width / 120)
     counts = np.histogram(angle, bins=8, range=(-np.pi, np.pi))[0]
     # uniform angle: 25000 per octant, sd 150
     assert np.all(np.abs(counts - N / 8) < 800)

@@ -257,14 +257,16 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gmm", choices=list(MODELS),
                    help="the mixture family: gmm (Gaussian), skew (skew-normal), dgmm (deep "
-                        "Gaussian mixture), gmn (Gaussian mixture network); default gmm")
+                        "Gaussian mixture), gmn (Gaussian mixture network), squared (squared "
+                        "mixture with real weights, trained by gradients); default gmm")
     g.add_argument("--skew-form", choices=["restricted", "unrestricted"], default="restricted",
                    help="skew-normal form (--model skew; default %(default)s)")
     g.add_argument("--layer-sizes", type=_int_list, metavar="K1,K2,...",
                    help="components per layer, the first being the clusters (--model dgmm or "
                         "gmn; default K,1)")
-    g.add_argument("--fit-method", choices=["exact", "stochastic"],
-                   help="exact EM (default) or the paper's stochastic EM (--model dgmm or gmn)")
+    g.add_argument("--fit-method", choices=["exact", "stochastic", "em", "gradient"],
+                   help="exact EM (default) or the paper's stochastic EM (--model dgmm or "
+                        "gmn); em (default) or gradient (--model gmm)")
     g.add_argument("--layer-dims", type=_int_list, metavar="R1,R2,...",
                    help="latent dimensions per layer, non-increasing (--model dgmm or gmn; "
                         "default: D-1, then halved per layer)")
@@ -274,16 +276,18 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
     g.add_argument("--covariance-type", default="full",
                    choices=[*COVARIANCE_TYPES, "tied_full"], metavar="TYPE",
                    help="one of %(choices)s (default %(default)s)")
-    g.add_argument("--max-iter", type=_non_negative_int, default=100, metavar="N",
-                   help="EM iterations per initialisation (default %(default)s)")
-    g.add_argument("--tol", type=_non_negative_float, default=1e-3,
-                   help="stop when the mean log-likelihood changes by less "
-                        "(default %(default)s)")
+    g.add_argument("--max-iter", type=_non_negative_int, metavar="N",
+                   help="EM iterations or gradient steps per initialisation (default 100 for "
+                        "EM, 300 for gradient training)")
+    g.add_argument("--tol", type=_non_negative_float,
+                   help="EM: stop when the mean log-likelihood changes by less (default "
+                        "1e-3); gradient training: when it has not risen by more in "
+                        "--n-iter-no-change steps (default 1e-4)")
     g.add_argument("--reg-covar", type=_non_negative_float, default=1e-6, metavar="EPS",
                    help="added to the covariance diagonals (default %(default)s)")
     g.add_argument("--init-params", default="kmeans", metavar="METHOD",
-                   choices=["kmeans", "k-means++", "random", "random_from_data"],
-                   help="one of %(choices)s (default %(default)s)")
+                   choices=["kmeans", "k-means++", "random", "random_from_data", "nested"],
+                   help="one of %(choices)s (default %(default)s; nested: --model squared)")
     g.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
                    help="initialisations; the best is kept (default %(default)s)")
     g.add_argument("--chunk-size", type=_positive_int, metavar="ROWS",
@@ -296,5 +300,18 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
                    help="keep the data in cluster memory between iterations (yes), stream them "
                         "from the store every iteration (no), or persist when they take at "
                         "most half of the workers' memory (auto, the default)")
+    g = p.add_argument_group("gradient training (--model squared, --fit-method gradient)")
+    g.add_argument("--optimizer", choices=["adam", "lbfgs"],
+                   help="adam (default) or lbfgs (full batches)")
+    g.add_argument("--learning-rate", type=_positive_float, metavar="LR",
+                   help="Adam's step size (default 0.05)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "exponential"],
+                   help="decay of the step size over --max-iter steps (default constant)")
+    g.add_argument("--batch-fraction", type=_positive_float, metavar="F",
+                   help="fraction of the chunks read per step (default 1: full batch)")
+    g.add_argument("--validation-fraction", type=_non_negative_float, metavar="F",
+                   help="fraction of the rows held out for early stopping (default 0)")
+    g.add_argument("--n-iter-no-change", type=_positive_int, metavar="N",
+                   help="patience of the stopping rule (default 10)")
 
 

@@ -254,7 +254,9 @@ def _family_sample_block(family, params: dict, row_seed: int, start: int, stop: 
 def _sample_function(est, row_seed: int):
     """The block function of ``dmix sample`` for ``est``: the keyed Gaussian generator of
     :func:`dmix.datasets.mixture_rows` for Gaussian mixtures, the family's sampler else."""
-    if not hasattr(est, "covariance_type"):
+    from dmix.families.gaussian import Gaussian
+
+    if not isinstance(est._family, Gaussian):
         return functools.partial(_family_sample_block, est._scoring_family, est._params,
                                  row_seed)
     k, d = est.means_.shape

@@ -115,6 +115,17 @@ def _cmd_make_data(args) -> int:
 # -- fit -------------------------------------------------------------------------------------
 
 
+#: Gradient-training flags and the estimator parameters they set.
+_GRADIENT_FLAGS = {"optimizer": "optimizer", "learning_rate": "learning_rate",
+                   "lr_schedule": "learning_rate_schedule", "batch_fraction": "batch_fraction",
+                   "validation_fraction": "validation_fraction",
+                   "n_iter_no_change": "n_iter_no_change"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _model(args):
     """The estimator class of ``--model`` and its own options."""
     from dmix._registry import MODELS, estimator_classes
@@ -123,14 +134,34 @@ def _model(args):
     if cls is None:
         raise DmixError(f"--model {args.model}: this version of dmix does not have it.")
     deep = args.model in ("dgmm", "gmn")
-    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims),
-                        ("--fit-method", args.fit_method)):
+    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims)):
         if value is not None and not deep:
             raise DmixError(f"{flag} is an option of --model dgmm and gmn, not {args.model}.")
+    methods = {"dgmm": ("exact", "stochastic"), "gmn": ("exact", "stochastic"),
+               "gmm": ("em", "gradient")}.get(args.model, ())
+    if args.fit_method is not None and args.fit_method not in methods:
+        raise DmixError(f"--fit-method {args.fit_method} is not a method of --model "
+                        f"{args.model}" + (f" (one of {list(methods)})." if methods else "."))
+    gradient = args.model == "squared" or args.fit_method == "gradient"
+    own = {param: getattr(args, flag) for flag, param in _GRADIENT_FLAGS.items()
+           if getattr(args, flag) is not None}
+    if own and not gradient:
+        raise DmixError(f"{_flag(next(k for k in _GRADIENT_FLAGS if getattr(args, k) is not None))}"
+                        " is an option of gradient training (--model squared, or --model gmm "
+                        "--fit-method gradient).")
+    if args.init_params == "nested" and args.model != "squared":
+        raise DmixError("--init-params nested is an option of --model squared.")
     if args.model == "gmm":
-        return cls, {"covariance_type": args.covariance_type}
+        return cls, {"covariance_type": args.covariance_type, **own,
+                     **({"fit_method": args.fit_method} if args.fit_method else {})}
+    if args.model == "squared":
+        if args.covariance_type not in ("full", "diag"):
+            raise DmixError(f"--covariance-type {args.covariance_type}: squared mixtures have "
+                            "full or diag covariances.")
+        return cls, {"covariance_type": args.covariance_type, **own}
     if args.covariance_type != "full":
-        raise DmixError(f"--covariance-type is an option of --model gmm, not {args.model}.")
+        raise DmixError(f"--covariance-type is an option of --model gmm and squared, not "
+                        f"{args.model}.")
     if args.model == "skew":
         return cls, {"form": args.skew_form}
     sizes = args.layer_sizes or (args.n_components, 1)
@@ -149,9 +180,11 @@ def _estimator(args, client):
     cls, own = _model(args)
     if "layer_sizes" not in own:
         own["n_components"] = args.n_components
+    # The estimator's own defaults unless given (EM's and gradient training's differ).
+    own.update({k: getattr(args, k) for k in ("tol", "max_iter") if getattr(args, k) is not None})
     return cls(
-        **own, tol=args.tol,
-        reg_covar=args.reg_covar, max_iter=args.max_iter, n_init=args.n_init,
+        **own,
+        reg_covar=args.reg_covar, n_init=args.n_init,
         init_params=args.init_params, random_state=args.seed, chunk_size=args.chunk_size,
         client=client, split_every=args.split_every,
         persist={"auto": "auto", "yes": True, "no": False}[args.persist],

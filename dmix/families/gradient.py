@@ -67,9 +67,11 @@ class GradientTraining:
     learning_rate : float
         Adam's step size (before the schedule).
     learning_rate_schedule : {'constant', 'cosine', 'exponential'}
-        How Adam's step size falls over ``max_iter`` steps (cosine and exponential to 1/100).
-    max_iter : int
-        The steps the schedule spans.
+        How Adam's step size falls over ``schedule_steps`` steps (cosine and exponential to
+        1/100).
+    schedule_steps : int
+        The steps the schedule spans (the estimator's ``max_iter``; 0 with the constant
+        schedule, so that a resumed fit may run longer).
     batch_fraction : float in (0, 1]
         Fraction of the chunks each step reads (1: full batch).
     validation_fraction : float in [0, 1)
@@ -84,7 +86,7 @@ class GradientTraining:
     optimizer: str = "adam"
     learning_rate: float = 0.05
     learning_rate_schedule: str = "constant"
-    max_iter: int = 100
+    schedule_steps: int = 0
     batch_fraction: float = 1.0
     validation_fraction: float = 0.0
     on_collapse: str = "reseed"
@@ -109,6 +111,9 @@ class GradientTraining:
         if isinstance(frac, bool) or not (isinstance(frac, int | float) and 0 <= frac < 1):
             raise ValueError(
                 f"validation_fraction must be a float in [0, 1). Got {frac!r} instead.")
+        if self.learning_rate_schedule != "constant" and self.schedule_steps < 1:
+            raise ValueError(f"learning_rate_schedule={self.learning_rate_schedule!r} needs "
+                             f"schedule_steps >= 1. Got {self.schedule_steps!r} instead.")
         if self.on_collapse not in ("reseed", "raise"):
             raise ValueError(
                 f"on_collapse must be 'reseed' or 'raise'. Got {self.on_collapse!r} instead.")
@@ -188,7 +193,8 @@ class GradientTraining:
 
     def _optimizer(self):
         return make_optimizer(self.optimizer, learning_rate=self.learning_rate,
-                              schedule=self.learning_rate_schedule, total_steps=self.max_iter)
+                              schedule=self.learning_rate_schedule,
+                              total_steps=max(1, self.schedule_steps))
 
     def mstep(self, params: Params, stats: Stats, state: State) -> tuple[Params, State]:
         """One optimizer step from the summed statistics.

@@ -118,7 +118,7 @@ class SquaredGaussian(GradientTraining):
         The floor added to every variance: ``Sigma = L L^T + reg_covar I``.
     weighted : bool
         Blocks carry the rows' weights as their last column.
-    optimizer, learning_rate, learning_rate_schedule, max_iter, batch_fraction, \
+    optimizer, learning_rate, learning_rate_schedule, schedule_steps, batch_fraction, \
 validation_fraction, random_state, iteration
         See :class:`dmix.families.gradient.GradientTraining`.
     """
