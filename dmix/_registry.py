@@ -31,9 +31,11 @@ def family_defaults(name: str) -> dict:
 
     from dmix.families.deep import DeepGaussian, GaussianNetwork
     from dmix.families.gaussian import Gaussian
+    from dmix.families.gaussian_gradient import GaussianGradient
     from dmix.families.skew_normal import SkewNormal
 
-    classes = {cls.name: cls for cls in (Gaussian, SkewNormal, DeepGaussian, GaussianNetwork)}
+    classes = {cls.name: cls for cls in (Gaussian, GaussianGradient, SkewNormal, DeepGaussian,
+                                         GaussianNetwork)}
     cls = classes.get(name)
     if cls is None:
         return {}

@@ -263,8 +263,9 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
     g.add_argument("--layer-sizes", type=_int_list, metavar="K1,K2,...",
                    help="components per layer, the first being the clusters (--model dgmm or "
                         "gmn; default K,1)")
-    g.add_argument("--fit-method", choices=["exact", "stochastic"],
-                   help="exact EM (default) or the paper's stochastic EM (--model dgmm or gmn)")
+    g.add_argument("--fit-method", choices=["exact", "stochastic", "em", "gradient"],
+                   help="--model gmm: em (default) or gradient (Adam on the EM statistics); "
+                        "--model dgmm or gmn: exact EM (default) or the paper's stochastic EM")
     g.add_argument("--layer-dims", type=_int_list, metavar="R1,R2,...",
                    help="latent dimensions per layer, non-increasing (--model dgmm or gmn; "
                         "default: D-1, then halved per layer)")

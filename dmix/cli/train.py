@@ -123,12 +123,17 @@ def _model(args):
     if cls is None:
         raise DmixError(f"--model {args.model}: this version of dmix does not have it.")
     deep = args.model in ("dgmm", "gmn")
-    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims),
-                        ("--fit-method", args.fit_method)):
+    for flag, value in (("--layer-sizes", args.layer_sizes), ("--layer-dims", args.layer_dims)):
         if value is not None and not deep:
             raise DmixError(f"{flag} is an option of --model dgmm and gmn, not {args.model}.")
+    methods = {"gmm": ("em", "gradient"), "dgmm": ("exact", "stochastic"),
+               "gmn": ("exact", "stochastic")}.get(args.model, ())
+    if args.fit_method is not None and args.fit_method not in methods:
+        raise DmixError(f"--fit-method {args.fit_method} is not a method of --model "
+                        f"{args.model} (it has {list(methods) or 'none'}).")
     if args.model == "gmm":
-        return cls, {"covariance_type": args.covariance_type}
+        return cls, {"covariance_type": args.covariance_type,
+                     "fit_method": args.fit_method or "em"}
     if args.covariance_type != "full":
         raise DmixError(f"--covariance-type is an option of --model gmm, not {args.model}.")
     if args.model == "skew":
