@@ -34,11 +34,12 @@ def family_defaults(name: str) -> dict:
 
     from dmix.families.deep import DeepGaussian, GaussianNetwork
     from dmix.families.gaussian import Gaussian
+    from dmix.families.gaussian_gradient import GaussianGradient
     from dmix.families.skew_normal import SkewNormal
     from dmix.families.squared import SquaredGaussian
 
-    classes = {cls.name: cls for cls in (Gaussian, SkewNormal, DeepGaussian, GaussianNetwork,
-                                         SquaredGaussian)}
+    classes = {cls.name: cls for cls in (Gaussian, GaussianGradient, SkewNormal, DeepGaussian,
+                                         GaussianNetwork, SquaredGaussian)}
     cls = classes.get(name)
     if cls is None:
         return {}

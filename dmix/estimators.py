@@ -7,19 +7,33 @@ Dask, Zarr and path inputs are streamed and array results come back as lazy Dask
 
 from __future__ import annotations
 
+import numbers
+
 from dmix._checkpointing import resume
-from dmix._estimator_base import UserInitMixin
+from dmix._estimator_base import UserInitMixin, check_number
 from dmix._fitting import FitMixin
 from dmix._mixture import BaseMixture
 from dmix.engine import init as _init
+from dmix.engine.loop import estep_pass
+from dmix.engine.stopping import NoImprovement, get_criterion
 from dmix.errors import DataError, InvalidParameterError
+from dmix.families._optim import OPTIMIZERS, SCHEDULES
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
+from dmix.families.gaussian_gradient import GaussianGradient
 
 __all__ = ["GaussianMixture", "resume"]
 
+#: The options of ``fit_method='gradient'`` and their defaults (EM rejects other values).
+GRADIENT_DEFAULTS = {"optimizer": "adam", "learning_rate": 0.05,
+                     "learning_rate_schedule": "constant", "batch_fraction": 1.0,
+                     "validation_fraction": 0.0, "n_iter_no_change": 10}
+#: Options of EM that gradient training does not have, with their off values.
+EM_ONLY = {"cem": False, "annealing": False, "missing": "raise"}
+
+
 class GaussianMixture(FitMixin, UserInitMixin, BaseMixture):
-    """Gaussian mixture fitted by EM, streamed over row blocks.
+    """Gaussian mixture fitted by EM (or by gradient ascent), streamed over row blocks.
 
     Parameters
     ----------
@@ -120,12 +134,40 @@ default='full'
     on_collapse : {'reseed', 'raise'}, default='reseed'
         A component that empties or whose covariance is singular is re-seeded at the rows the
         model explains worst (with a :class:`~dmix.errors.CollapseWarning`; counted in
-        ``n_reseeded_``), or stops the fit with an error naming it.
+        ``n_reseeded_``), or stops the fit with an error naming it. With
+        ``fit_method='gradient'``: a component whose parameters become non-finite (its
+        optimizer state is reset).
     missing : {'raise', 'marginalize'}, default='raise'
         Rows with missing values (NaN): an error naming them, or the exact EM for incomplete
         data, missing at random (:mod:`dmix.families.missing`: the missing features are
         marginalised; initialisation imputes column means). Not with ``cem``, ``annealing``
         or ``sample_weight``.
+    fit_method : {'em', 'gradient'}, default='em'
+        EM, or gradient ascent on the mean log-likelihood from the same E-step statistics
+        (:class:`dmix.families.gaussian_gradient.GaussianGradient`): each step reads the data
+        once and takes an optimizer step in free coordinates (softmax logits, means, Cholesky
+        factors or log-variances above ``reg_covar``). For stochastic steps over chunk subsets
+        and early stopping on held-out rows. Not with the MAP priors, ``cem``, ``annealing``
+        or ``missing='marginalize'``. ``max_iter`` counts optimizer steps; the default
+        ``stopping_criterion`` 'tol' stops when the objective has not risen by ``tol`` in
+        ``n_iter_no_change`` steps. Starts from 'k-means++' and 'random_from_data' (a point
+        per component, no scatter) take one EM step first.
+    optimizer : {'adam', 'lbfgs'}, default='adam'
+        With ``fit_method='gradient'``: Adam, or L-BFGS with a backtracking line search (one
+        pass per evaluation; full batches only).
+    learning_rate : float, default=0.05
+        Adam's step size (in units of the free coordinates: logits, means, log-scales).
+    learning_rate_schedule : {'constant', 'cosine', 'exponential'}, default='constant'
+        Decay of the step size over ``max_iter`` steps (cosine and exponential to 1/100).
+    batch_fraction : float in (0, 1], default=1.0
+        Fraction of the chunks each step reads, drawn at random per step (keyed by
+        ``random_state`` and the step); 1 reads all (full batch).
+    validation_fraction : float in [0, 1), default=0.0
+        Fraction of the rows held out (keyed by ``random_state`` and the row's index); with
+        held-out rows the fit stops early on their mean log-likelihood and keeps the
+        parameters that scored best there.
+    n_iter_no_change : int, default=10
+        The patience of the gradient fit's default stopping rule (see ``fit_method``).
 
     Attributes
     ----------
@@ -184,6 +226,13 @@ default='full'
         stopping_criterion="tol",
         on_collapse="reseed",
         missing="raise",
+        fit_method="em",
+        optimizer="adam",
+        learning_rate=0.05,
+        learning_rate_schedule="constant",
+        batch_fraction=1.0,
+        validation_fraction=0.0,
+        n_iter_no_change=10,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -221,6 +270,13 @@ default='full'
         self.stopping_criterion = stopping_criterion
         self.on_collapse = on_collapse
         self.missing = missing
+        self.fit_method = fit_method
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.learning_rate_schedule = learning_rate_schedule
+        self.batch_fraction = batch_fraction
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
 
     # -- validation -------------------------------------------------------------------------
 
@@ -247,12 +303,77 @@ default='full'
             raise InvalidParameterError(
                 f"{name}: missing='marginalize' works with plain EM and MAP estimation, not "
                 "with cem or annealing.")
+        if self.fit_method not in ("em", "gradient"):
+            raise InvalidParameterError(
+                f"The 'fit_method' parameter of {name} must be one of ['em', 'gradient']. Got "
+                f"{self.fit_method!r} instead.")
+        if self.fit_method == "gradient":
+            self._check_gradient_parameters()
+        else:
+            changed = [k for k, v in GRADIENT_DEFAULTS.items() if getattr(self, k) != v]
+            if changed:
+                raise InvalidParameterError(
+                    f"{name}: {changed} are options of fit_method='gradient'; with "
+                    "fit_method='em' leave them at their defaults.")
+
+    def _check_gradient_parameters(self):
+        name = type(self).__name__
+        em_only = [f"{k}={getattr(self, k)!r}" for k, off in EM_ONLY.items()
+                   if getattr(self, k) != off]
+        em_only += [f"{k}=..." for k, v in self._prior_options().items() if v is not None]
+        if em_only:
+            raise InvalidParameterError(
+                f"{name}: {', '.join(em_only)} belong to EM; fit_method='gradient' does not "
+                "have them (use fit_method='em', or drop them).")
+        for option, choices in (("optimizer", OPTIMIZERS),
+                                ("learning_rate_schedule", SCHEDULES)):
+            if getattr(self, option) not in choices:
+                raise InvalidParameterError(
+                    f"The {option!r} parameter of {name} must be one of {list(choices)}. Got "
+                    f"{getattr(self, option)!r} instead.")
+        check_number(name, "learning_rate", self.learning_rate, "float", 0, closed_low=False)
+        check_number(name, "n_iter_no_change", self.n_iter_no_change, "int", 1)
+        for option, low_closed, high_closed in (("batch_fraction", False, True),
+                                                ("validation_fraction", True, False)):
+            value = getattr(self, option)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+                (0 <= value if low_closed else 0 < value)
+                and (value <= 1 if high_closed else value < 1))
+            if not ok:
+                interval = "[0, 1)" if low_closed else "(0, 1]"
+                raise InvalidParameterError(
+                    f"The {option!r} parameter of {name} must be a float in {interval}. Got "
+                    f"{value!r} instead.")
+        if self.optimizer == "lbfgs" and self.batch_fraction < 1:
+            raise InvalidParameterError(
+                f"{name}: optimizer='lbfgs' needs full batches (batch_fraction=1.0); got "
+                f"batch_fraction={self.batch_fraction!r}. Use optimizer='adam' for stochastic "
+                "steps.")
+
+    def _criterion(self):
+        """EM: the named criterion. Gradient fits: 'tol' is the patience rule, no rise of the
+        objective by ``tol`` in ``n_iter_no_change`` steps."""
+        if self.fit_method == "gradient" and self.stopping_criterion == "tol":
+            return NoImprovement(patience=int(self.n_iter_no_change), tol=float(self.tol))
+        return get_criterion(self.stopping_criterion)
 
     # -- the family ----------------------------------------------------------------------
 
     @property
     def _family(self) -> Gaussian:
         """The family of this estimator's options (its prior as resolved by the last fit)."""
+        if self.fit_method == "gradient":
+            return GaussianGradient(
+                covariance_type=get_covariance(self.covariance_type).name,
+                reg_covar=float(self.reg_covar),
+                var_regularization=float(self.var_regularization),
+                on_collapse=self.on_collapse, optimizer=self.optimizer,
+                learning_rate=float(self.learning_rate),
+                learning_rate_schedule=self.learning_rate_schedule,
+                schedule_steps=(0 if self.learning_rate_schedule == "constant"
+                                else max(1, int(self.max_iter))),
+                batch_fraction=float(self.batch_fraction),
+                validation_fraction=float(self.validation_fraction))
         annealing_iter = self._annealing_iter()
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar),
@@ -262,8 +383,38 @@ default='full'
                         annealing_iter=int(annealing_iter), on_collapse=self.on_collapse,
                         missing=self.missing)
 
+    def _seeded_family(self, family, seed):
+        # Gradient fits key the held-out rows and chunk subsets by the seed (recorded with
+        # the checkpoint's options, not in the family's spec).
+        if isinstance(family, GaussianGradient):
+            from dataclasses import replace
+
+            return replace(family, random_state=int(seed) % 2**63)
+        return family
+
     def _before_fit(self, data, n_features, passes):
         self.prior_ = self._resolve_prior(data, n_features, passes)
+
+    def _initializer(self, family, init_data, user, seed, do_init, passes):
+        initialize = super()._initializer(family, init_data, user, seed, do_init, passes)
+        if not isinstance(family, GaussianGradient):
+            return initialize
+        # A seed-based start (a point per component, covariance reg_covar) is at the edge of
+        # the free coordinates and far from any optimum: one EM step from it, as EM's first.
+        em_step = do_init and not user and self.init_params in ("k-means++",
+                                                                 "random_from_data")
+        em = Gaussian(covariance_type=family.covariance_type, reg_covar=family.reg_covar,
+                      var_regularization=family.var_regularization)
+
+        def start(restart):
+            params = initialize(restart)
+            if em_step:
+                stats = estep_pass(em, init_data, params, source=passes["source"],
+                                   split_every=passes["split_every"], client=passes["client"])
+                params, _ = em.mstep(params, stats, {})
+            return family.start(params)
+
+        return start
 
     def _user_init(self, family, n_features):
         return self._check_user_init(family, n_features)

@@ -102,8 +102,10 @@ def test_em_never_lowers_the_bound_and_predictions_are_consistent(case):
     model = _fit(case, max_iter=40, tol=0.0)
     bounds = np.array(model.lower_bounds_)
     if case[1] in GRADIENT:
-        # Gradient steps may overshoot; the fit keeps the best parameters it evaluated.
-        assert bounds[-1] > bounds[0] + 0.1 and model.lower_bound_ == bounds.max()
+        # Gradient steps may overshoot (here the start is within 1e-3 of a local optimum);
+        # a full-batch fit keeps the best parameters it evaluated.
+        assert model.lower_bound_ == bounds.max() >= bounds[0]
+        assert model.score(x) == pytest.approx(model.lower_bound_, rel=1e-12)
         bounds = np.maximum.accumulate(bounds)
     elif case[1] == "SkewNormalMixture":
         # The first M-step leaves zero skewness (a stationary point of EM) by a moment start,

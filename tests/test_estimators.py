@@ -57,7 +57,9 @@ ALL_PARAMS = sorted(["n_components", "covariance_type", "tol", "reg_covar", "max
                      "checkpoint_every", "checkpoint_keep", "weight_concentration_prior",
                      "mean_prior", "mean_precision_prior", "covariance_prior",
                      "degrees_of_freedom_prior", "var_regularization", "cem", "annealing",
-                     "annealing_start", "annealing_iter", "stopping_criterion", "on_collapse", "missing"])
+                     "annealing_start", "annealing_iter", "stopping_criterion", "on_collapse", "missing",
+                     "fit_method", "optimizer", "learning_rate", "learning_rate_schedule",
+                     "batch_fraction", "validation_fraction", "n_iter_no_change"])
 
 
 def test_get_params_defaults_like_sklearn():

@@ -265,8 +265,8 @@ def _add_fit_options(p: argparse.ArgumentParser, *, n_components_required: bool)
                    help="components per layer, the first being the clusters (--model dgmm or "
                         "gmn; default K,1)")
     g.add_argument("--fit-method", choices=["exact", "stochastic", "em", "gradient"],
-                   help="exact EM (default) or the paper's stochastic EM (--model dgmm or "
-                        "gmn); em (default) or gradient (--model gmm)")
+                   help="--model gmm: em (default) or gradient (Adam on the EM statistics); "
+                        "--model dgmm or gmn: exact EM (default) or the paper's stochastic EM")
     g.add_argument("--layer-dims", type=_int_list, metavar="R1,R2,...",
                    help="latent dimensions per layer, non-increasing (--model dgmm or gmn; "
                         "default: D-1, then halved per layer)")

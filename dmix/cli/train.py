@@ -153,7 +153,7 @@ def _model(args):
         raise DmixError("--init-params nested is an option of --model squared.")
     if args.model == "gmm":
         return cls, {"covariance_type": args.covariance_type, **own,
-                     **({"fit_method": args.fit_method} if args.fit_method else {})}
+                     "fit_method": args.fit_method or "em"}
     if args.model == "squared":
         if args.covariance_type not in ("full", "diag"):
             raise DmixError(f"--covariance-type {args.covariance_type}: squared mixtures have "
