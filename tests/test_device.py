@@ -214,11 +214,15 @@ def test_gpu_fit_matches_cpu_fit(cov):
     for name in PARAMS:
         np.testing.assert_allclose(getattr(gpu64, name), getattr(cpu, name), rtol=1e-8,
                                    atol=1e-10)
-    np.testing.assert_allclose(gpu32.lower_bounds_, cpu.lower_bounds_, rtol=1e-6)
+    # float32 E-steps (measured on an H200): mean log-densities of about -17 per row at the
+    # far start err by 2.6e-6 relative; covariance entries by up to 1.1e-5 on a matrix of
+    # scale 1; a row's log-density (about -10, from expanded terms of order 100) by up to
+    # 9e-4.
+    np.testing.assert_allclose(gpu32.lower_bounds_, cpu.lower_bounds_, rtol=1e-5)
     np.testing.assert_allclose(gpu32.means_, cpu.means_, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(gpu32.covariances_, cpu.covariances_, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gpu32.covariances_, cpu.covariances_, rtol=1e-4, atol=3e-5)
     np.testing.assert_allclose(gpu32.predict_proba(x), cpu.predict_proba(x), atol=1e-4)
-    np.testing.assert_allclose(gpu32.score_samples(x), cpu.score_samples(x), rtol=0, atol=5e-4)
+    np.testing.assert_allclose(gpu32.score_samples(x), cpu.score_samples(x), rtol=0, atol=2e-3)
 
 
 @pytest.mark.gpu
