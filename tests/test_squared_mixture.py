@@ -45,14 +45,15 @@ def test_three_squared_components_fit_a_donut_that_three_gaussians_cannot(donut)
         gmm.fit(train)
     squared = _fit(train, init_params="nested", optimizer="lbfgs", n_init=3, max_iter=300)
     assert squared.converged_
-    # Held-out mean log-likelihood per row, measured: squared -3.668, Gaussian mixture -3.893,
-    # the donut's own density -3.66 (differences of standard errors about 0.012).
+    # Held-out mean log-likelihood per row, measured: squared -3.668, Gaussian mixture -3.892,
+    # the donut's own density -3.641 (squared - truth: -0.027 with a standard error of 0.004;
+    # squared - GMM: 0.224, standard error 0.012).
     truth = _true_log_density(test).mean()
-    assert squared.score(test) == pytest.approx(truth, abs=0.03)
+    assert squared.score(test) == pytest.approx(truth, abs=0.05)
     gain = squared.score_samples(test) - gmm.score_samples(test)
     se = gain.std() / np.sqrt(gain.size)
     assert gain.mean() > 0.15 and gain.mean() > 10 * se
-    assert gmm.score(test) < truth - 0.15
+    assert gmm.score(test) < truth - 0.2
     assert np.sum(squared.weights_ < 0) >= 1  # the hole is a subtracted component
 
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from dmix.families.base import Params, Stats, tree_add
 from dmix.families.gradient import GradientTraining
-from dmix.xp import to_host
+from dmix.xp import asarray_f64, to_host
 
 __all__ = ["SquaredGaussian", "log_normalizer"]
 
@@ -214,9 +214,12 @@ validation_fraction, random_state, iteration
     # -- worker side ------------------------------------------------------------------------
 
     def _log_components(self, params: Params, x, xp):
-        """``log N(x; mu_i, Sigma_i)`` (n, K) and the differences ``x - mu_i`` (K, n, D)."""
-        means = xp.asarray(params["means"], dtype=x.dtype)
-        prec = xp.asarray(params["precisions_cholesky"], dtype=x.dtype)
+        """``log N(x; mu_i, Sigma_i)`` (n, K) and the differences ``x - mu_i`` (K, n, D), in
+        float64 whatever the data's precision (components cancel: float32 cannot resolve
+        ``f``)."""
+        x = asarray_f64(x, xp)
+        means = xp.asarray(params["means"], dtype=np.float64)
+        prec = xp.asarray(params["precisions_cholesky"], dtype=np.float64)
         k, d = params["means"].shape
         diff = x[None, :, :] - means[:, None, :]
         if self.full:
@@ -235,7 +238,7 @@ validation_fraction, random_state, iteration
         log_n, diff = self._log_components(params, x, xp)
         top = xp.max(log_n, axis=1, keepdims=True)
         scaled = xp.exp(log_n - top)
-        f = scaled @ xp.asarray(params["weights"], dtype=x.dtype)
+        f = scaled @ xp.asarray(params["weights"], dtype=np.float64)
         with np.errstate(divide="ignore"):
             log_abs_f = xp.log(xp.abs(f)) + top[:, 0]
         return log_abs_f, scaled, f, diff
@@ -253,22 +256,22 @@ validation_fraction, random_state, iteration
         largest)."""
         log_n, _ = self._log_components(params, x, xp)
         with np.errstate(divide="ignore"):
-            log_w = xp.asarray(np.log(np.abs(params["weights"])), dtype=x.dtype)
+            log_w = xp.asarray(np.log(np.abs(params["weights"])), dtype=np.float64)
         a = log_n + log_w
         a = a - xp.max(a, axis=1, keepdims=True)
         e = xp.exp(a)
         return e / xp.sum(e, axis=1, keepdims=True)
 
     def _train_stats(self, params: Params, x, xp, workspace=None) -> Stats:
+        x = asarray_f64(x, xp)
         x, row_w = (x[:, :-1], x[:, -1]) if self.weighted else (x, None)
-        k, d = params["means"].shape
         log_abs_f, scaled, f, diff = self._log_abs_f(params, x, xp)
         ok = xp.isfinite(log_abs_f)
         r = scaled / xp.where(ok, f, 1.0)[:, None]  # n_i / f
         r = xp.where(ok[:, None], r, 0.0)
         if row_w is not None:
             r = r * row_w[:, None]
-        rho = 2.0 * r * xp.asarray(params["weights"], dtype=x.dtype)[None, :]  # (n, K)
+        rho = 2.0 * r * xp.asarray(params["weights"], dtype=np.float64)[None, :]  # (n, K)
         rho_t = rho.T[:, :, None]  # (K, n, 1)
         if self.full:
             second = xp.matmul(xp.swapaxes(diff * rho_t, 1, 2), diff)  # (K, D, D)
@@ -279,7 +282,7 @@ validation_fraction, random_state, iteration
         return {
             "n": np.float64(n),
             "loglik": np.float64(float(xp.sum(lp if row_w is None else row_w * lp))),
-            "n_nonfinite": np.int64(x.shape[0] - int(xp.count_nonzero(ok))),
+            "n_nonfinite": np.float64(x.shape[0] - int(xp.count_nonzero(ok))),
             "g_weights": _host(2.0 * xp.sum(r, axis=0)),
             "rho": _host(xp.sum(rho, axis=0)),
             "rho_diff": _host(xp.sum(rho_t * diff, axis=1)),
