@@ -18,6 +18,7 @@ import numpy as np
 
 from dmix._checkpointing import CheckpointMixin
 from dmix._estimator_base import ParamsMixin, VerboseMonitor, check_number
+from dmix._gradient import GRADIENT_PARAMETERS
 from dmix.engine import init as _init
 from dmix.engine.grid import fit_restarts
 from dmix.engine.loop import Monitor, apply_batched, estep_pass, fit_em
@@ -123,7 +124,8 @@ def fill_doc(annealing_start: str = "0.1", gradient: bool = False):
             text = (_GRADIENT_TOL + text[text.index("    n_init :"):
                                          text.index("    var_regularization :")]
                     + _GRADIENT_STOPPING)
-        cls.__doc__ = cls.__doc__.replace("{engine_parameters}\n", text)
+        cls.__doc__ = cls.__doc__.replace("{engine_parameters}\n", text).replace(
+            "{gradient_parameters}\n", GRADIENT_PARAMETERS)
         return cls
 
     return fill

@@ -7,17 +7,15 @@ Dask, Zarr and path inputs are streamed and array results come back as lazy Dask
 
 from __future__ import annotations
 
-import numbers
-
 from dmix._checkpointing import resume
-from dmix._estimator_base import UserInitMixin, check_number
+from dmix._estimator_base import UserInitMixin
 from dmix._fitting import FitMixin
-from dmix._mixture import BaseMixture
+from dmix._gradient import GradientMixin
+from dmix._mixture import BaseMixture, fill_doc
 from dmix.engine import init as _init
 from dmix.engine.loop import estep_pass
-from dmix.engine.stopping import NoImprovement, get_criterion
+from dmix.engine.stopping import get_criterion
 from dmix.errors import DataError, InvalidParameterError
-from dmix.families._optim import OPTIMIZERS, SCHEDULES
 from dmix.families.covariance import COVARIANCE_TYPES, get_covariance
 from dmix.families.gaussian import Gaussian
 from dmix.families.gaussian_gradient import GaussianGradient
@@ -32,7 +30,8 @@ GRADIENT_DEFAULTS = {"optimizer": "adam", "learning_rate": 0.05,
 EM_ONLY = {"cem": False, "annealing": False, "missing": "raise"}
 
 
-class GaussianMixture(FitMixin, UserInitMixin, BaseMixture):
+@fill_doc()
+class GaussianMixture(FitMixin, UserInitMixin, GradientMixin, BaseMixture):
     """Gaussian mixture fitted by EM (or by gradient ascent), streamed over row blocks.
 
     Parameters
@@ -152,22 +151,7 @@ default='full'
         ``stopping_criterion`` 'tol' stops when the objective has not risen by ``tol`` in
         ``n_iter_no_change`` steps. Starts from 'k-means++' and 'random_from_data' (a point
         per component, no scatter) take one EM step first.
-    optimizer : {'adam', 'lbfgs'}, default='adam'
-        With ``fit_method='gradient'``: Adam, or L-BFGS with a backtracking line search (one
-        pass per evaluation; full batches only).
-    learning_rate : float, default=0.05
-        Adam's step size (in units of the free coordinates: logits, means, log-scales).
-    learning_rate_schedule : {'constant', 'cosine', 'exponential'}, default='constant'
-        Decay of the step size over ``max_iter`` steps (cosine and exponential to 1/100).
-    batch_fraction : float in (0, 1], default=1.0
-        Fraction of the chunks each step reads, drawn at random per step (keyed by
-        ``random_state`` and the step); 1 reads all (full batch).
-    validation_fraction : float in [0, 1), default=0.0
-        Fraction of the rows held out (keyed by ``random_state`` and the row's index); with
-        held-out rows the fit stops early on their mean log-likelihood and keeps the
-        parameters that scored best there.
-    n_iter_no_change : int, default=10
-        The patience of the gradient fit's default stopping rule (see ``fit_method``).
+{gradient_parameters}
 
     Attributes
     ----------
@@ -325,36 +309,13 @@ default='full'
             raise InvalidParameterError(
                 f"{name}: {', '.join(em_only)} belong to EM; fit_method='gradient' does not "
                 "have them (use fit_method='em', or drop them).")
-        for option, choices in (("optimizer", OPTIMIZERS),
-                                ("learning_rate_schedule", SCHEDULES)):
-            if getattr(self, option) not in choices:
-                raise InvalidParameterError(
-                    f"The {option!r} parameter of {name} must be one of {list(choices)}. Got "
-                    f"{getattr(self, option)!r} instead.")
-        check_number(name, "learning_rate", self.learning_rate, "float", 0, closed_low=False)
-        check_number(name, "n_iter_no_change", self.n_iter_no_change, "int", 1)
-        for option, low_closed, high_closed in (("batch_fraction", False, True),
-                                                ("validation_fraction", True, False)):
-            value = getattr(self, option)
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-                (0 <= value if low_closed else 0 < value)
-                and (value <= 1 if high_closed else value < 1))
-            if not ok:
-                interval = "[0, 1)" if low_closed else "(0, 1]"
-                raise InvalidParameterError(
-                    f"The {option!r} parameter of {name} must be a float in {interval}. Got "
-                    f"{value!r} instead.")
-        if self.optimizer == "lbfgs" and self.batch_fraction < 1:
-            raise InvalidParameterError(
-                f"{name}: optimizer='lbfgs' needs full batches (batch_fraction=1.0); got "
-                f"batch_fraction={self.batch_fraction!r}. Use optimizer='adam' for stochastic "
-                "steps.")
+        self._check_gradient_options()
 
     def _criterion(self):
         """EM: the named criterion. Gradient fits: 'tol' is the patience rule, no rise of the
         objective by ``tol`` in ``n_iter_no_change`` steps."""
-        if self.fit_method == "gradient" and self.stopping_criterion == "tol":
-            return NoImprovement(patience=int(self.n_iter_no_change), tol=float(self.tol))
+        if self.fit_method == "gradient":
+            return self._gradient_criterion()
         return get_criterion(self.stopping_criterion)
 
     # -- the family ----------------------------------------------------------------------
@@ -367,13 +328,7 @@ default='full'
                 covariance_type=get_covariance(self.covariance_type).name,
                 reg_covar=float(self.reg_covar),
                 var_regularization=float(self.var_regularization),
-                on_collapse=self.on_collapse, optimizer=self.optimizer,
-                learning_rate=float(self.learning_rate),
-                learning_rate_schedule=self.learning_rate_schedule,
-                schedule_steps=(0 if self.learning_rate_schedule == "constant"
-                                else max(1, int(self.max_iter))),
-                batch_fraction=float(self.batch_fraction),
-                validation_fraction=float(self.validation_fraction))
+                on_collapse=self.on_collapse, **self._gradient_fields())
         annealing_iter = self._annealing_iter()
         return Gaussian(covariance_type=get_covariance(self.covariance_type).name,
                         reg_covar=float(self.reg_covar),
@@ -387,9 +342,7 @@ default='full'
         # Gradient fits key the held-out rows and chunk subsets by the seed (recorded with
         # the checkpoint's options, not in the family's spec).
         if isinstance(family, GaussianGradient):
-            from dataclasses import replace
-
-            return replace(family, random_state=int(seed) % 2**63)
+            return self._gradient_seeded(family, seed)
         return family
 
     def _before_fit(self, data, n_features, passes):

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from dmix._estimator_base import check_number
+from dmix._gradient import GradientMixin
 from dmix._mixture import BaseMixture, fill_doc
 from dmix.engine import init as _init
-from dmix.engine.stopping import NoImprovement, get_criterion
 from dmix.errors import DataError, InvalidParameterError
-from dmix.families._optim import OPTIMIZERS, SCHEDULES
 from dmix.families.gaussian import Gaussian
 from dmix.families.squared import COVARIANCE_TYPES, SquaredGaussian
 from dmix.rng import keyed_uniform
@@ -24,7 +20,7 @@ _NESTED_STREAM = 0x5EED_0003
 
 
 @fill_doc(gradient=True)
-class SquaredGaussianMixture(BaseMixture):
+class SquaredGaussianMixture(GradientMixin, BaseMixture):
     """Squared Gaussian mixture: ``p(x) = (sum_i w_i N(x; mu_i, Sigma_i))^2 / Z`` with real
     weights of any sign, fitted by streamed gradients.
 
@@ -50,26 +46,11 @@ default='kmeans'
     weights_init, means_init, covariances_init : array-like, optional
         User-given initial parameters (weights of any sign; covariances of the
         ``covariance_type``'s shape); the others come from ``init_params``.
-    optimizer : {'adam', 'lbfgs'}, default='adam'
-        Adam, or L-BFGS with a backtracking line search (one pass per evaluation; full
-        batches only).
-    learning_rate : float, default=0.05
-        Adam's step size (in units of the parameters: weights, means, log-scales).
-    learning_rate_schedule : {'constant', 'cosine', 'exponential'}, default='constant'
-        Decay of the step size over ``max_iter`` steps (cosine and exponential to 1/100).
-    batch_fraction : float in (0, 1], default=1.0
-        Fraction of the chunks each step reads, drawn at random per step (keyed by
-        ``random_state`` and the step); 1 reads all (full batch).
-    validation_fraction : float in [0, 1), default=0.0
-        Fraction of the rows held out (keyed by ``random_state`` and the row's index); with
-        held-out rows the fit stops early on their mean log-likelihood and keeps the
-        parameters that scored best there.
-    n_iter_no_change : int, default=10
-        The patience of the default stopping rule (see ``tol``).
     on_collapse : {'reseed', 'raise'}, default='reseed'
         What happens to a component whose parameters become non-finite: re-seeded (its
         optimizer state reset) at the rows the model explains worst, with a
         :class:`~dmix.errors.CollapseWarning` and a count in ``n_reseeded_``; or an error.
+{gradient_parameters}
 {engine_parameters}
     Attributes
     ----------
@@ -92,7 +73,8 @@ default='kmeans'
     ``predict_proba`` gives each component's share of the envelope ``sum_i |w_i| N_i(x)``:
     components of a squared mixture cancel each other, so no posterior over them exists.
     ``sample`` is exact, by rejection from the envelope's square (a mixture of ``K^2``
-    Gaussians).
+    Gaussians). E-steps compute in float64 whatever ``dtype`` says (components cancel, which
+    float32 cannot resolve); ``dtype='float32'`` only halves the blocks' copies to a GPU.
     """
 
     _init_methods = ("kmeans", "k-means++", "random", "random_from_data", "nested")
@@ -174,63 +156,26 @@ default='kmeans'
     def _check_family_parameters(self):
         name = type(self).__name__
         for option, choices in (("covariance_type", COVARIANCE_TYPES),
-                                ("optimizer", OPTIMIZERS),
-                                ("learning_rate_schedule", SCHEDULES),
                                 ("on_collapse", ("reseed", "raise"))):
             if getattr(self, option) not in choices:
                 raise InvalidParameterError(
                     f"The {option!r} parameter of {name} must be one of {list(choices)}. Got "
                     f"{getattr(self, option)!r} instead.")
-        check_number(name, "learning_rate", self.learning_rate, "float", 0, closed_low=False)
-        check_number(name, "n_iter_no_change", self.n_iter_no_change, "int", 1)
-        for option, low_closed, high_closed in (("batch_fraction", False, True),
-                                                ("validation_fraction", True, False)):
-            value = getattr(self, option)
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-                (0 <= value if low_closed else 0 < value)
-                and (value <= 1 if high_closed else value < 1))
-            if not ok:
-                interval = ("[0, 1)" if low_closed else "(0, 1]")
-                raise InvalidParameterError(
-                    f"The {option!r} parameter of {name} must be a float in {interval}. Got "
-                    f"{value!r} instead.")
-        if self.optimizer == "lbfgs" and self.batch_fraction < 1:
-            raise InvalidParameterError(
-                f"{name}: optimizer='lbfgs' needs full batches (batch_fraction=1.0); got "
-                f"batch_fraction={self.batch_fraction!r}. Use optimizer='adam' for stochastic "
-                "steps.")
-        if self.device == "cuda" and self.dtype == "float32":
-            raise InvalidParameterError(
-                f"{name}: squared mixtures cancel components against each other, which float32 "
-                "cannot resolve; use dtype='float64' (the default) on the GPU.")
+        self._check_gradient_options()
 
     def _criterion(self):
-        """'tol' (the default) is the patience rule of gradient training: stop when the
-        objective has not risen by ``tol`` in ``n_iter_no_change`` steps."""
-        if self.stopping_criterion == "tol":
-            return NoImprovement(patience=int(self.n_iter_no_change), tol=float(self.tol))
-        return get_criterion(self.stopping_criterion)
+        return self._gradient_criterion()
 
     # -- the family -------------------------------------------------------------------------
 
     @property
     def _family(self) -> SquaredGaussian:
-        return SquaredGaussian(
-            covariance_type=self.covariance_type, reg_covar=float(self.reg_covar),
-            optimizer=self.optimizer, learning_rate=float(self.learning_rate),
-            learning_rate_schedule=self.learning_rate_schedule,
-            schedule_steps=(0 if self.learning_rate_schedule == "constant"
-                            else max(1, int(self.max_iter))),
-            batch_fraction=float(self.batch_fraction),
-            validation_fraction=float(self.validation_fraction),
-            on_collapse=self.on_collapse)
+        return SquaredGaussian(covariance_type=self.covariance_type,
+                               reg_covar=float(self.reg_covar), on_collapse=self.on_collapse,
+                               **self._gradient_fields())
 
     def _seeded_family(self, family, seed):
-        # The seed of the held-out rows and the chunk subsets; recorded with the
-        # checkpoint's options, not in the family's spec.
-        from dataclasses import replace
-
-        return replace(family, random_state=int(seed) % 2**63)
+        return self._gradient_seeded(family, seed)
 
     def _user_init(self, family, n_features):
         user = {}
