@@ -26,6 +26,10 @@ __all__ = ["sample"]
 #: Below this acceptance rate sampling stops with an error (about a million draws per row).
 MIN_ACCEPTANCE = 1e-6
 
+#: Most envelope draws per round: bounds memory (a few hundred bytes per draw) when the
+#: acceptance rate is low; more rounds follow until ``n_samples`` are kept.
+MAX_ROUND = 1 << 18
+
 
 def _dense(family, covariances: np.ndarray) -> np.ndarray:
     if family.full:
@@ -65,8 +69,29 @@ def envelope(family, params):
 def sample(family, params, n_samples: int, rng: np.random.Generator):
     """Draw ``(X, labels)`` from the squared mixture exactly.
 
-    Labels are the component with the largest share of the envelope at each draw
-    (``family.predict_proba``'s argmax), as ``predict`` would give.
+    Rounds of draws from ``e^2 / Z_e`` are thinned by rejection, each sized from the
+    acceptance rate ``Z / Z_e`` (so one round usually suffices) and at most
+    :data:`MAX_ROUND`, until ``n_samples`` are kept; the result depends only on ``rng``.
+
+    Parameters
+    ----------
+    family : SquaredGaussian
+        The family (its covariance type and per-component log-densities).
+    params : dict
+        Parameters from ``family.make_params``, with ``log_normalizer``.
+    n_samples : int
+        Number of rows to draw.
+    rng : numpy.random.Generator
+        Source of randomness.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, D)
+        The draws, in the order they were accepted.
+    labels : ndarray of shape (n_samples,)
+        For each row, the component with the largest share of the envelope ``|w_i| N_i(x)``
+        (the argmax of ``family.predict_proba``), as ``predict`` would give. Components of a
+        squared mixture cancel, so this is a nearest-component label, not a latent draw.
 
     Raises
     ------
@@ -78,12 +103,15 @@ def sample(family, params, n_samples: int, rng: np.random.Generator):
     rate = math.exp(float(params["log_normalizer"]) - log_ze)
     if rate < MIN_ACCEPTANCE:
         raise IllConditionedError(
-            f"Rejection sampling would keep {rate:.3g} of its draws: the components cancel "
-            "almost everywhere. Refit with fewer components or a larger reg_covar.")
+            f"Rejection sampling would keep {rate:.3g} of its draws (below {MIN_ACCEPTANCE:g}): "
+            "the components cancel almost everywhere. Refit with fewer components or a "
+            "larger reg_covar.")
     d = pair_mean.shape[1]
-    kept, total = [], 0
+    kept, total = [np.empty((0, d))], 0
     while total < n_samples:
-        m = int(math.ceil((n_samples - total) / rate * 1.1)) + 16
+        # 10% more than the expected need, so a second round is rare (the shortfall is a
+        # binomial tail); capped by MAX_ROUND.
+        m = min(int(math.ceil((n_samples - total) / rate * 1.1)) + 16, MAX_ROUND)
         pair = rng.choice(pair_w.size, size=m, p=pair_w)
         x = pair_mean[pair] + np.einsum("nab,nb->na", pair_chol[pair],
                                         rng.standard_normal((m, d)))
