@@ -14,7 +14,8 @@ a checkpoint holds it and a resumed fit continues exactly.
   decided by ``(random_state, global row index)`` (the same rows whatever the chunking and for
   every restart). Held-out rows add to ``val_loglik`` and ``val_n`` only; the objective the
   engine records and stops on is their mean log-likelihood, and the fit returns the
-  parameters that scored best on them (early stopping).
+  parameters that scored best on them (early stopping). With stochastic steps that is the
+  held-out rows of the chunks the step read: a noisier estimate, as a mini-batch's is.
 
 Without held-out rows, full-batch fits also return the best parameters evaluated (L-BFGS's
 accepted point; for Adam the best of the iterates); stochastic fits return the last iterate.
@@ -238,9 +239,9 @@ class GradientTraining:
         owners = self._owners(params)
         bad = np.unique(owners[~np.isfinite(theta)])
         if np.any(bad < 0):  # a shared parameter went bad: no component to blame
-            raise FloatingPointError(
-                "A shared parameter became non-finite during gradient training; lower "
-                "learning_rate.")
+            raise IllConditionedError(
+                "Gradient training failed: a parameter shared by the components (a tied "
+                "covariance) became non-finite. Lower learning_rate or scale the data.")
         theta = np.where(np.isin(owners, bad), previous, theta)
         new, invalid = self._unpack(theta, params)
         if invalid.size:
