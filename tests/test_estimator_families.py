@@ -177,16 +177,20 @@ def test_shared_options(case):
     assert plain_bounds.size > 5
     assert np.all(np.diff(plain_bounds) >= -1e-10 * np.abs(plain_bounds[1:]))
     assert annealed.score(x) >= annealed.lower_bound_ - 1e-10 * abs(annealed.lower_bound_)
-    # The run stops exactly where the criterion first holds on its bounds.
-    relative = _fit(case, stopping_criterion="relative", tol=1e-5, max_iter=300)
-    criterion, bounds = get_criterion("relative"), relative.lower_bounds_
-    assert relative.converged_ and relative.n_iter_ < 300
-    held = [criterion(FitHistory(bounds[:t], [0.0] * t, 1e-5)) for t in range(2, len(bounds) + 1)]
-    assert held[-1] and not any(held[:-1])
+    _assert_criterion_and_restarts(case, tol=1e-5)
     plain = _fit(case, max_iter=5, tol=0.0)
     regularized = _fit(case, max_iter=5, tol=0.0, var_regularization=0.5)
     assert regularized.score(x) < plain.score(x)
-    # Restart 0 of three side by side is the fit with n_init=1, so the best is no worse.
+
+
+def _assert_criterion_and_restarts(case, tol):
+    """The run stops exactly where the criterion first holds on its bounds; restart 0 of
+    three side by side is the fit with n_init=1, so the best of three is no worse."""
+    relative = _fit(case, stopping_criterion="relative", tol=tol, max_iter=300)
+    criterion, bounds = get_criterion("relative"), relative.lower_bounds_
+    assert relative.converged_ and relative.n_iter_ < 300
+    held = [criterion(FitHistory(bounds[:t], [0.0] * t, tol)) for t in range(2, len(bounds) + 1)]
+    assert held[-1] and not any(held[:-1])
     first = _fit(case, n_init=1, max_iter=30)
     best = _fit(case, n_init=3, max_iter=30)
     assert best.lower_bound_ >= first.lower_bound_
@@ -194,14 +198,7 @@ def test_shared_options(case):
 
 def _shared_gradient_options(case, x):
     """What gradient training shares with EM: stopping criteria and restarts."""
-    relative = _fit(case, stopping_criterion="relative", tol=1e-4, max_iter=300)
-    criterion, bounds = get_criterion("relative"), relative.lower_bounds_
-    assert relative.converged_ and relative.n_iter_ < 300
-    held = [criterion(FitHistory(bounds[:t], [0.0] * t, 1e-4)) for t in range(2, len(bounds) + 1)]
-    assert held[-1] and not any(held[:-1])
-    first = _fit(case, n_init=1, max_iter=30)
-    best = _fit(case, n_init=3, max_iter=30)
-    assert best.lower_bound_ >= first.lower_bound_
+    _assert_criterion_and_restarts(case, tol=1e-4)
     with pytest.raises(TypeError, match="annealing"):  # no EM-only options
         _make(case[1], n_components=3, annealing=True)
 
