@@ -236,3 +236,20 @@ def test_save_load_and_the_cli(donut, tmp_path, capsys):
     assert cli_main(["fit", str(store), "-k", "3", "--model", "skew", "--optimizer",
                      "adam"]) != 0
     assert "--optimizer is an option of gradient training" in capsys.readouterr().err
+
+
+def test_heldout_sums_with_row_weights(donut):
+    """With sample weights (the block's last column), the held-out rows add their weighted
+    log-likelihood and weight; the others the weighted training sums."""
+    train, _ = donut
+    x = train[:500]
+    w = np.random.default_rng(3).uniform(0.0, 2.0, size=len(x))
+    family = SquaredGaussian(validation_fraction=0.3, random_state=11, weighted=True)
+    params = _fit(train, max_iter=5)._params
+    stats = family.estep(params, np.column_stack([x, w]), np, start=100)
+    held = family.heldout_rows(100, len(x))
+    lp = SquaredGaussian().log_density(params, x, np)
+    assert float(stats["val_n"]) == pytest.approx(w[held].sum(), rel=1e-14)
+    assert float(stats["val_loglik"]) == pytest.approx(np.sum(w[held] * lp[held]), rel=1e-12)
+    assert float(stats["n"]) == pytest.approx(w[~held].sum(), rel=1e-14)
+    assert float(stats["loglik"]) == pytest.approx(np.sum(w[~held] * lp[~held]), rel=1e-12)
