@@ -9,6 +9,7 @@ fills in the family hooks: ``_family``, ``_initial_params``, ``_set_params`` and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -381,15 +382,18 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
                        monitor=monitor, compute=compute,
                        stop=self._criterion(), **passes)
         snapshot = None if loaded is None else loaded.snapshot
-        # The restarts side by side, one pass per iteration for all; a checkpoint of restarts
-        # run one after the other (an older dmix) is continued that way.
-        if n_init > 1 and (snapshot is None or snapshot.runs is not None):
-            result = fit_restarts(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
-                                  **options)
-        else:
-            result = fit_em(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
-                            **options)
-        self._set_result(family, result, n_features)
+        with _watch(client, monitor, estimator=self, source=source, n_init=n_init,
+                    checkpoint=ckpt) as watched:
+            options["monitor"] = watched
+            # The restarts side by side, one pass per iteration for all; a checkpoint of
+            # restarts run one after the other (an older dmix) is continued that way.
+            if n_init > 1 and (snapshot is None or snapshot.runs is not None):
+                result = fit_restarts(family, em_data, initialize, checkpoint=ckpt,
+                                      resume=snapshot, **options)
+            else:
+                result = fit_em(family, em_data, initialize, checkpoint=ckpt, resume=snapshot,
+                                **options)
+            self._set_result(family, result, n_features)
         self.fit_seconds_ = time.perf_counter() - tic
         if ckpt is not None:
             self.checkpoints_ = list(ckpt.saved)
@@ -492,6 +496,16 @@ class BaseMixture(CheckpointMixin, ParamsMixin):
         from dmix.io.model import save_model
 
         save_model(self, path, overwrite=overwrite, storage_options=storage_options)
+
+
+def _watch(client, monitor, **fit):
+    """:func:`dmix.dashboard.watch` with a distributed client (the fit feeds the ``/dmix``
+    page of its dashboard); without one, ``monitor`` as it is."""
+    if client is None:
+        return contextlib.nullcontext(monitor)
+    from dmix.dashboard import watch
+
+    return watch(client, monitor, **fit)
 
 
 def _apply_batched(x, fn, family, params, n_components, source, compute, *, start, index):

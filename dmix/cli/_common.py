@@ -176,6 +176,15 @@ def _local_cuda_cluster(gpus, dashboard_address: str):
     return LocalCUDACluster(dashboard_address=dashboard_address, **options)
 
 
+def _say_dashboard(client) -> None:
+    """Print the Dask dashboard's address and that of dmix's live page in it."""
+    from dmix.dashboard import page_link, register
+
+    _say(f"Dask dashboard: {client.dashboard_link}")
+    if register(client):
+        _say(f"dmix live page: {page_link(client)}")
+
+
 @contextlib.contextmanager
 def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address: str,
                  gpus=None):
@@ -191,7 +200,7 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
         with _local_cuda_cluster(gpus, dashboard_address) as cluster, Client(cluster) as client:
             n = len(client.scheduler_info()["workers"])
             _say(f"Started a local Dask CUDA cluster: {n} worker process(es), one per GPU")
-            _say(f"Dask dashboard: {client.dashboard_link}")
+            _say_dashboard(client)
             yield client
         return
     if scheduler:
@@ -204,7 +213,7 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
         with client:
             n = len(client.scheduler_info().get("workers", {}))
             _say(f"Connected to the Dask scheduler at {scheduler} ({n} workers)")
-            _say(f"Dask dashboard: {client.dashboard_link}")
+            _say_dashboard(client)
             yield client
         return
     n_workers = n_workers or _cpu_count()
@@ -215,7 +224,7 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
         limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
         per = f", {min(limits) / 2**30:.1f} GiB memory limit each" if all(limits) else ""
         _say(f"Started a local Dask cluster: {n_workers} worker process(es) x 1 thread{per}")
-        _say(f"Dask dashboard: {client.dashboard_link}")
+        _say_dashboard(client)
         yield client
 
 

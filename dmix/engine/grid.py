@@ -29,7 +29,7 @@ from dmix.engine.loop import (
     step_family,
     warn_if_not_converged,
 )
-from dmix.engine.reduce import map_reduce
+from dmix.engine.reduce import iteration_span, map_reduce
 from dmix.engine.stopping import Tol
 from dmix.families.base import Params, State, Stats
 from dmix.xp import Compute, Workspace, batches, get_namespace, to_host
@@ -86,8 +86,9 @@ def run_em_many(families, data, runs: list[EMResult], states: list[State] | None
     while active:
         tic = time.perf_counter()
         steps = [step_family(families[i], runs[i].n_iter) for i in active]
-        stats = estep_pass_many(steps, data, [runs[i].params for i in active], source=source,
-                                **passes)
+        with iteration_span(client, max(runs[i].n_iter for i in active) + 1):
+            stats = estep_pass_many(steps, data, [runs[i].params for i in active],
+                                    source=source, **passes)
         for i, step, part in zip(active, steps, stats, strict=True):
             states[i] = complete_iteration(families[i], step, data, runs[i], part, states[i],
                                            tol=tol, stop=stop, passes=passes, tic=tic,

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dmix.engine.reduce import map_reduce
+from dmix.engine.reduce import iteration_span, map_reduce
 from dmix.engine.stopping import FitHistory, Stop, Tol, stop_reason
 from dmix.errors import CollapseWarning, ConvergenceWarning, DataError
 from dmix.families.base import Params, State, Stats, tree_accumulate
@@ -73,6 +73,9 @@ class IterationRecord:
     n_reseeded: int = 0
     #: The E-step's inverse temperature (below 1 while annealing).
     inverse_temperature: float = 1.0
+    #: The component weights after this iteration's M-step (None where the family's
+    #: parameters have no weight vector).
+    weights: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -349,8 +352,16 @@ def complete_iteration(family, step, data, result: EMResult, stats: Stats, state
     monitor.end_iteration(IterationRecord(
         result.init, result.n_iter, lower_bound, lower_bound - previous, result.seconds[-1],
         n_reseeded=len(collapsed),
-        inverse_temperature=float(getattr(step, "inverse_temperature", 1.0))))
+        inverse_temperature=float(getattr(step, "inverse_temperature", 1.0)),
+        weights=_weights(params)))
     return state
+
+
+def _weights(params: Params) -> tuple[float, ...] | None:
+    w = params.get("weights") if isinstance(params, dict) else None
+    if w is None or np.ndim(w) != 1:
+        return None
+    return tuple(float(v) for v in np.asarray(to_host(w), dtype=np.float64))
 
 
 def _finished(run: EMResult, max_iter: int) -> bool:
@@ -392,7 +403,8 @@ def run_em(
     while not _finished(result, max_iter):
         tic = time.perf_counter()
         step = step_family(family, result.n_iter)
-        stats = estep_pass(step, data, result.params, source=source, **passes)
+        with iteration_span(client, result.n_iter + 1):
+            stats = estep_pass(step, data, result.params, source=source, **passes)
         state = complete_iteration(family, step, data, result, stats, state, tol=tol,
                                    stop=stop, passes=passes, tic=tic, monitor=monitor)
         if on_iteration is not None:

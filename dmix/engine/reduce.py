@@ -33,11 +33,13 @@ __all__ = [
     "DEFAULT_SPLIT_EVERY",
     "block_bytes_for",
     "check_device_everywhere",
+    "iteration_span",
     "map_blocks",
     "map_reduce",
     "place_data",
     "place_on_device",
     "resolve_client",
+    "span",
     "tree_depth",
     "worker_slots",
 ]
@@ -120,6 +122,16 @@ def map_reduce(
     scheduler (synchronous, threaded, or a default ``distributed.Client``).
     """
     split_every = _check_split_every(split_every)
+    if client is None:
+        return _map_reduce(data, chunk_fn, args, combine, split_every, label, None, blocks)
+    # The span is open while the graph is built: layers take the annotations current when
+    # they are made (inside a fit's iteration span, a span opened only around the compute
+    # would be ignored).
+    with _dmix_span(label):  # groups the pass in the dashboard's Fine Performance Metrics
+        return _map_reduce(data, chunk_fn, args, combine, split_every, label, client, blocks)
+
+
+def _map_reduce(data, chunk_fn, args, combine, split_every, label, client, blocks):
     tag = f"{next(_calls)}-{uuid.uuid4().hex[:8]}"
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).tolist()
     chosen = range(data.numblocks[0]) if blocks is None else [int(i) for i in blocks]
@@ -157,16 +169,32 @@ def map_reduce(
     # more task (about 6 ms per pass measured on the 2-core benchmark machine).
     if client is None:
         return functools.reduce(combine, dask.compute(*parts))
-    with _span("dmix", label):  # groups the pass in the dashboard's Fine Performance Metrics
-        return functools.reduce(combine, client.gather(client.compute(parts)))
+    return functools.reduce(combine, client.gather(client.compute(parts)))
 
 
-def _span(*tags):
+def span(*tags):
+    """``distributed.span(*tags)``: the tasks computed inside are grouped under ``tags``
+    (nested spans append their tags) in the dashboard's Fine Performance Metrics."""
     try:
-        from distributed import span
+        from distributed import span as _distributed_span
     except ImportError:  # pragma: no cover - spans are in distributed >= 2023.11
         return contextlib.nullcontext()
-    return span(*tags)
+    return _distributed_span(*tags)
+
+
+def _dmix_span(tag: str):
+    """A span ``tag`` inside the current dmix span, else ``("dmix", tag)``."""
+    current = (dask.get_annotations().get("span") or {}).get("name", ())
+    return span(tag) if tuple(current[:1]) == ("dmix",) else span("dmix", tag)
+
+
+def iteration_span(client, iteration: int):
+    """The span of EM iteration ``iteration`` (nothing without a client): with
+    :func:`dmix.dashboard.watch`'s ``("dmix", fit_id)`` the passes of a fit are grouped as
+    ``dmix / fit_id / iteration-N / estep``."""
+    if client is None:
+        return contextlib.nullcontext()
+    return _dmix_span(f"iteration-{iteration}")
 
 
 def map_blocks(data: da.Array, block_fn, *args, out_columns: int | None, dtype, label: str):
