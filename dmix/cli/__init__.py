@@ -13,6 +13,7 @@ quickstart.
     dmix score DATA.zarr --model MODEL_DIR --output OUT.zarr
     dmix predict DATA.zarr --model MODEL_DIR --output OUT.zarr [--proba]
     dmix sample --model MODEL_DIR --n-samples N --output OUT.zarr
+    dmix report MODEL_DIR [--data DATA.zarr] --output REPORT.html
     dmix quickstart [--n-samples 200000 --n-features 8 --n-components 4 --out DIR]
 
 ``fit`` and ``quickstart`` start a ``distributed.LocalCluster`` in process (one single-threaded
@@ -27,7 +28,7 @@ import argparse
 import sys
 
 from dmix import __version__
-from dmix.cli import infer, train
+from dmix.cli import infer, report, train
 from dmix.cli._common import _say
 from dmix.errors import DmixError
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train.add_commands(sub)
     infer.add_commands(sub)
+    report.add_commands(sub)
     return parser
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 
 import numpy as np
 
 from dmix.engine.loop import Monitor
 from dmix.errors import DmixError
 from dmix.families.covariance import COVARIANCE_TYPES
+from dmix.progress import JsonProgress, TextProgress
 
 DEFAULT_DASHBOARD = ":8787"
 
@@ -85,55 +85,27 @@ def _nbytes(n: float) -> str:
 # -- EM progress -----------------------------------------------------------------------------
 
 
-class ProgressMonitor(Monitor):
-    """Prints one line per EM iteration: number, mean log-likelihood per row, change, seconds.
+#: The per-iteration lines (and, on a terminal, the live bar) of ``fit`` and ``resume``.
+ProgressMonitor = TextProgress
 
-    Parameters
-    ----------
-    n_init : int, default=1
-        Number of initialisations (a heading is printed per initialisation when more than 1).
-    init_params : str, optional
-        Name of the initialisation method, for the heading.
-    file : file-like, optional
-        Where to print; default ``sys.stdout`` (looked up at each call).
-    """
 
-    def __init__(self, n_init: int = 1, init_params: str | None = None, file=None):
-        self.n_init = n_init
-        self.init_params = init_params
-        self.file = file
-        self._header = False
+def _add_progress_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("progress").add_mutually_exclusive_group()
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="print no progress (no line per iteration, no bar)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object per iteration on stdout (init, iteration, "
+                        "lower_bound, change, seconds, rows, rows_per_second, ...); the "
+                        "other messages go to stderr")
 
-    def _print(self, text: str) -> None:
-        _say(text, file=self.file or sys.stdout)
 
-    def resumed(self, directory: str, name: str, init: int, iteration: int) -> None:
-        self._print(f"Resuming from the checkpoint {name} in {directory}: initialization "
-                    f"{init + 1}/{self.n_init} after iteration {iteration}")
-        self._resumed = init
-
-    def begin_init(self, init: int) -> None:
-        how = f" ({self.init_params})" if self.init_params else ""
-        if init == getattr(self, "_resumed", None):
-            how = " (resumed from the checkpoint)"
-        self._print(f"Initialization {init + 1}/{self.n_init}{how}...")
-        self._header = False
-
-    def end_iteration(self, record) -> None:
-        # Restarts run side by side (one pass for all): a column says whose line it is.
-        init = self.n_init > 1
-        if not self._header:
-            self._print(("  init" if init else "") + f"{'iter':>6}  {'log-likelihood':>16}  "
-                        f"{'change':>11}  {'seconds':>8}")
-            self._header = True
-        self._print((f"{record.init + 1:>6d}" if init else "") + f"{record.iteration:>6d}  "
-                    f"{record.lower_bound:>16.6f}  {record.change:>11.3e}  "
-                    f"{record.seconds:>8.3f}")
-
-    def end_init(self, init: int, result, seconds: float) -> None:
-        state = "converged" if result.converged else "did not converge"
-        self._print(f"Initialization {init + 1}/{self.n_init} {state} after {result.n_iter} "
-                    f"iterations ({seconds:.2f} s): lower bound {result.lower_bound:.6f}")
+def progress_monitor(args, n_init: int, init_params: str | None, file=None) -> Monitor:
+    """The monitor ``--quiet`` / ``--json`` / the default ask for (``file``: where it writes)."""
+    if getattr(args, "quiet", False):
+        return Monitor()
+    if getattr(args, "json", False):
+        return JsonProgress(file=file)
+    return ProgressMonitor(n_init, init_params, file=file)
 
 
 # -- the cluster -----------------------------------------------------------------------------

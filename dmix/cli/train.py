@@ -14,9 +14,9 @@ import zarr
 
 from dmix._registry import family_defaults
 from dmix.cli._common import (
-    ProgressMonitor,
     _add_cluster_options,
     _add_fit_options,
+    _add_progress_options,
     _cpu_count,
     _dask_client,
     _fmt_vector,
@@ -26,6 +26,7 @@ from dmix.cli._common import (
     _positive_int,
     _say,
     compute_options,
+    progress_monitor,
 )
 from dmix.datasets import SHAPES, ShapeDataset, make_mixture, make_shape, match_components
 from dmix.errors import DmixError
@@ -195,10 +196,11 @@ def _estimator(args, client):
     )
 
 
-def _fit(fit, n_init: int, init_params: str):
-    """Return ``fit(monitor)`` run with a progress monitor; warnings (non-convergence, a
-    skipped checkpoint) become one line each on stderr."""
-    monitor = ProgressMonitor(n_init, init_params)
+def _fit(fit, n_init: int, init_params: str, args=None):
+    """Return ``fit(monitor)`` run with the progress monitor of ``--quiet`` / ``--json`` (the
+    JSON lines go to the stdout of :func:`_json_stdout`); warnings (non-convergence, a skipped
+    checkpoint) become one line each on stderr."""
+    monitor = progress_monitor(args, n_init, init_params, file=getattr(args, "stdout", None))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         est = fit(monitor)
@@ -232,7 +234,24 @@ def _finish(est, source, data: str, args) -> None:
         _say(f"Saved the model to {args.output}")
 
 
+@contextlib.contextmanager
+def _json_stdout(args):
+    """With ``--json``, stdout is for the JSON lines only: the other messages go to stderr
+    (``args.stdout`` keeps the real stdout for the monitor)."""
+    if not getattr(args, "json", False):
+        yield
+        return
+    args.stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def _cmd_fit(args) -> int:
+    with _json_stdout(args):
+        return _fit_command(args)
+
+
+def _fit_command(args) -> int:
     compute_options(args)  # option errors before a cluster starts
     data = args.data if not args.array else f"{args.data.rstrip('/')}/{args.array}"
     source = as_source(data, chunk_size=args.chunk_size)
@@ -243,7 +262,7 @@ def _cmd_fit(args) -> int:
                       args.gpus) as client:
         est = _estimator(args, client)
         _fit(lambda monitor: est.fit(data, resume=args.resume, monitor=monitor), est.n_init,
-             est.init_params)
+             est.init_params, args)
     _finish(est, source, data, args)
     return 0
 
@@ -252,6 +271,11 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_resume(args) -> int:
+    with _json_stdout(args):
+        return _resume_command(args)
+
+
+def _resume_command(args) -> int:
     compute_options(args)  # option errors before a cluster starts
     with warnings.catch_warnings():  # the fit below reports what load() warns about
         warnings.simplefilter("ignore")
@@ -274,7 +298,7 @@ def _cmd_resume(args) -> int:
             compute["dtype"] = args.compute_dtype
         est = _fit(lambda monitor: dmix_resume(args.checkpoint, data, max_iter=args.max_iter,
                                                client=client, monitor=monitor, **compute),
-                   loaded.attrs["options"]["n_init"], settings["init_params"])
+                   loaded.attrs["options"]["n_init"], settings["init_params"], args)
     _finish(est, source, data, args)
     return 0
 
@@ -430,6 +454,7 @@ def add_commands(sub) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --checkpoint if there is one "
                         "(for jobs that are requeued with the same command)")
+    _add_progress_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_fit)
 
@@ -444,6 +469,7 @@ def add_commands(sub) -> None:
                    help="new iteration limit per initialisation (default: the fit's own)")
     p.add_argument("--output", "-o", metavar="MODEL_DIR", help="save the fitted model here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    _add_progress_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_resume)
 

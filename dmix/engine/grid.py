@@ -21,6 +21,7 @@ from dmix.engine.loop import (
     _estep_block,
     _finished,
     batch_rows,
+    block_progress,
     block_subset,
     complete_iteration,
     n_components_of,
@@ -56,8 +57,10 @@ def _members(families, params_list, n_features: int, compute: Compute) -> tuple:
 
 
 def estep_pass_many(families, data, params_list: list[Params], *, source="the data",
-                    split_every=None, client=None, compute: Compute = _CPU) -> list[Stats]:
-    """The statistics of every ``(family, params)`` pair, from one pass over ``data``."""
+                    split_every=None, client=None, compute: Compute = _CPU,
+                    progress: Monitor | None = None) -> list[Stats]:
+    """The statistics of every ``(family, params)`` pair, from one pass over ``data``
+    (``progress``: as in :func:`dmix.engine.loop.estep_pass`)."""
     members = _members(families, params_list, data.shape[1], compute)
     combine = functools.partial(_combine_lists, tuple(f.combine for f in families))
     # Runs step together, so a family that reads a subset of blocks per step (keyed by seed
@@ -68,7 +71,7 @@ def estep_pass_many(families, data, params_list: list[Params], *, source="the da
         raise ValueError("Runs side by side must read the same blocks in a pass.")
     return map_reduce(data, _estep_many_block, members, source, compute, combine=combine,
                       split_every=split_every, label="estep", client=client,
-                      blocks=subsets.pop())
+                      blocks=subsets.pop(), progress=progress)
 
 
 def run_em_many(families, data, runs: list[EMResult], states: list[State] | None = None, *,
@@ -83,12 +86,13 @@ def run_em_many(families, data, runs: list[EMResult], states: list[State] | None
     states = [dict(s) for s in (states or [{} for _ in runs])]
     passes = dict(split_every=split_every, client=client, compute=compute)
     active = [i for i, run in enumerate(runs) if not _finished(run, max_iter)]
+    progress = block_progress(monitor)
     while active:
         tic = time.perf_counter()
         steps = [step_family(families[i], runs[i].n_iter) for i in active]
         with iteration_span(client, max(runs[i].n_iter for i in active) + 1):
             stats = estep_pass_many(steps, data, [runs[i].params for i in active],
-                                    source=source, **passes)
+                                    source=source, progress=progress, **passes)
         for i, step, part in zip(active, steps, stats, strict=True):
             states[i] = complete_iteration(families[i], step, data, runs[i], part, states[i],
                                            tol=tol, stop=stop, passes=passes, tic=tic,

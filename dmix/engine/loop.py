@@ -32,6 +32,7 @@ __all__ = [
     "Monitor",
     "Snapshot",
     "apply_batched",
+    "block_progress",
     "block_subset",
     "estep_pass",
     "fit_em",
@@ -100,7 +101,12 @@ class EMResult:
 
 
 class Monitor:
-    """Receives progress; the default does nothing. Subclass to print, log or plot."""
+    """Receives progress; the default does nothing. Subclass to print, log or plot.
+
+    :meth:`pass_started` and :meth:`block_done` report the progress of each E-step pass; a
+    monitor that overrides neither gets no per-block calls, and its passes run exactly as
+    without a monitor (see :func:`block_progress`).
+    """
 
     def resumed(self, directory: str, name: str, init: int, iteration: int) -> None:
         """The fit continues from checkpoint ``name`` in ``directory``."""
@@ -108,11 +114,28 @@ class Monitor:
     def begin_init(self, init: int) -> None:
         pass
 
+    def pass_started(self, n_rows: int, n_blocks: int) -> None:
+        """An E-step pass over ``n_rows`` rows in ``n_blocks`` blocks begins (on the driver)."""
+
+    def block_done(self, rows: int) -> None:
+        """A block of ``rows`` rows finished its E-step (called on the driver, in the order the
+        blocks finish; over a pass they sum to its ``n_rows``)."""
+
     def end_iteration(self, record: IterationRecord) -> None:
         pass
 
     def end_init(self, init: int, result: EMResult, seconds: float) -> None:
         pass
+
+
+def block_progress(monitor: Monitor | None) -> Monitor | None:
+    """``monitor`` if it overrides :meth:`Monitor.pass_started` or :meth:`Monitor.block_done`,
+    else None: then :func:`~dmix.engine.reduce.map_reduce` counts no blocks at all."""
+    cls = type(monitor)
+    if monitor is None or (cls.pass_started is Monitor.pass_started
+                           and cls.block_done is Monitor.block_done):
+        return None
+    return monitor
 
 
 class History(Monitor):
@@ -206,15 +229,16 @@ def _estep_block(x, start, index, family, params, rows, source, compute=_CPU):
 
 
 def estep_pass(family, data, params: Params, *, source="the data", split_every=None,
-               client=None, compute: Compute = _CPU) -> Stats:
+               client=None, compute: Compute = _CPU, progress: Monitor | None = None) -> Stats:
     """One pass over ``data``: the family's statistics at ``params``, reduced over all blocks,
-    each block's E-step computed on ``compute.device`` in ``compute.dtype``."""
+    each block's E-step computed on ``compute.device`` in ``compute.dtype``; ``progress`` (a
+    monitor, see :func:`block_progress`) is told of every finished block."""
     k = n_components_of(params)
     rows = batch_rows(family, data.shape[1], k, compute)
     return map_reduce(
         data, _estep_block, family, params, rows, source, compute,
         combine=family.combine, split_every=split_every, label="estep", client=client,
-        blocks=block_subset(family, data.numblocks[0]),
+        blocks=block_subset(family, data.numblocks[0]), progress=progress,
     )
 
 
@@ -400,11 +424,13 @@ def run_em(
                                                       init=init, initial=lower_bound)
     stop = stop or Tol()
     passes = dict(split_every=split_every, client=client, compute=compute)
+    progress = block_progress(monitor)
     while not _finished(result, max_iter):
         tic = time.perf_counter()
         step = step_family(family, result.n_iter)
         with iteration_span(client, result.n_iter + 1):
-            stats = estep_pass(step, data, result.params, source=source, **passes)
+            stats = estep_pass(step, data, result.params, source=source, progress=progress,
+                               **passes)
         state = complete_iteration(family, step, data, result, stats, state, tol=tol,
                                    stop=stop, passes=passes, tic=tic, monitor=monitor)
         if on_iteration is not None:
