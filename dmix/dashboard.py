@@ -34,7 +34,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
 from dmix._dashboard_page import PAGE
-from dmix.engine.loop import Monitor
+from dmix.engine.loop import Monitor, block_progress
 from dmix.engine.reduce import span
 
 __all__ = ["TOPIC", "DashboardMonitor", "DmixDashboard", "page_link", "register", "watch"]
@@ -250,6 +250,17 @@ class DashboardMonitor(Monitor):
 
     def begin_init(self, init) -> None:
         self.inner.begin_init(init)
+
+    @property
+    def wants_block_progress(self) -> bool:
+        """Blocks are counted only for an inner monitor that shows them."""
+        return block_progress(self.inner) is not None
+
+    def pass_started(self, n_rows, n_blocks) -> None:
+        self.inner.pass_started(n_rows, n_blocks)
+
+    def block_done(self, rows) -> None:
+        self.inner.block_done(rows)
 
     def end_iteration(self, record) -> None:
         # Sent first: the page shows the iteration even if the inner monitor fails.

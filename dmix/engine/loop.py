@@ -129,11 +129,16 @@ class Monitor:
 
 
 def block_progress(monitor: Monitor | None) -> Monitor | None:
-    """``monitor`` if it overrides :meth:`Monitor.pass_started` or :meth:`Monitor.block_done`,
-    else None: then :func:`~dmix.engine.reduce.map_reduce` counts no blocks at all."""
+    """``monitor`` if it overrides :meth:`Monitor.pass_started` or :meth:`Monitor.block_done`
+    (or says so by a true ``wants_block_progress``, as a monitor wrapping another does), else
+    None: then :func:`~dmix.engine.reduce.map_reduce` counts no blocks at all."""
+    if monitor is None:
+        return None
+    wants = getattr(monitor, "wants_block_progress", None)
+    if wants is not None:
+        return monitor if wants else None
     cls = type(monitor)
-    if monitor is None or (cls.pass_started is Monitor.pass_started
-                           and cls.block_done is Monitor.block_done):
+    if cls.pass_started is Monitor.pass_started and cls.block_done is Monitor.block_done:
         return None
     return monitor
 
