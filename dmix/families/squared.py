@@ -46,6 +46,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from dmix.errors import IllConditionedError
 from dmix.families.base import Params, Stats, tree_add
 from dmix.families.gradient import GradientTraining
 from dmix.xp import asarray_f64, to_host
@@ -169,16 +170,37 @@ validation_fraction, random_state, iteration
     def _pack(self, params: Params) -> np.ndarray:
         cov = params["covariances"]
         k, d = params["means"].shape
-        reg = self.reg_covar
         if self.full:
-            chol = np.linalg.cholesky(cov - reg * np.eye(d))
+            chol = self._free_factor(cov)
             rows, cols = np.tril_indices(d)
             free = chol[:, rows, cols]
             diag = rows == cols
             free[:, diag] = np.log(free[:, diag])
-        else:
-            free = np.log(cov - reg)
+        else:  # a variance at the floor: exp(s) lost to rounding, kept the smallest normal
+            free = np.log(np.maximum(cov - self.reg_covar, np.finfo(np.float64).tiny))
         return np.concatenate([params["weights"], params["means"].ravel(), free.ravel()])
+
+    def _free_factor(self, cov: np.ndarray) -> np.ndarray:
+        """``L`` with ``L L^T = Sigma - reg_covar I`` (full covariances, (K, D, D)).
+
+        A component at the variance floor in some direction has ``L L^T`` singular there, and
+        rounding can leave ``Sigma - reg_covar I`` indefinite by ``eps |Sigma|``: its
+        eigenvalues are then raised to that level before factoring (deterministic, so resumed
+        fits stay exact)."""
+        s = cov - self.reg_covar * np.eye(cov.shape[-1])
+        try:
+            return np.linalg.cholesky(s)
+        except np.linalg.LinAlgError:
+            vals, vecs = np.linalg.eigh(0.5 * (s + np.swapaxes(s, -1, -2)))
+            floor = 16 * np.finfo(np.float64).eps * np.max(np.abs(vals), axis=-1,
+                                                           keepdims=True)
+            s = (vecs * np.maximum(vals, floor)[..., None, :]) @ np.swapaxes(vecs, -1, -2)
+            try:
+                return np.linalg.cholesky(0.5 * (s + np.swapaxes(s, -1, -2)))
+            except np.linalg.LinAlgError:
+                raise IllConditionedError(
+                    "A squared mixture's covariance is not above reg_covar * I: raise "
+                    "reg_covar or scale the data.") from None
 
     def _split(self, theta: np.ndarray, k: int, d: int):
         w, rest = theta[:k], theta[k:]
@@ -325,7 +347,7 @@ validation_fraction, random_state, iteration
         if not self.full:
             return g_cov * (cov - self.reg_covar)  # d/ds of exp(s) + reg
         d = cov.shape[1]
-        chol = np.linalg.cholesky(cov - self.reg_covar * np.eye(d))
+        chol = self._free_factor(cov)
         g_l = 2.0 * g_cov @ chol
         rows, cols = np.tril_indices(d)
         free = g_l[:, rows, cols]

@@ -266,3 +266,23 @@ def test_sampling_refuses_components_that_cancel_almost_everywhere():
     # Ten times less cancellation is above the threshold: 10 rows from about 800,000 draws.
     p = family.make_params([1.0, -1.0], np.zeros((2, 2)), [[1.0, 1.0], [1.01, 1.01]])
     assert family.sample(p, 10, np.random.default_rng(0))[0].shape == (10, 2)
+
+
+def test_a_component_at_the_variance_floor_still_packs():
+    """``Sigma - reg_covar I`` of rank 1 (a component flat against the floor) is factored
+    after its rounding is repaired: the optimizer's coordinates stay finite."""
+    family = SquaredGaussian(reg_covar=1e-3)
+    v = np.array([[1.0, 2.0], [0.5, -1.0], [1.0, 0.0]])
+    cov = v[:, :, None] * v[:, None, :] + 1e-3 * np.eye(2)
+    cov[2] = np.eye(2)
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(cov[:2] - 1e-3 * np.eye(2))
+    p = family.make_params([1.0, -0.5, 0.3], np.zeros((3, 2)), cov)
+    theta = family._pack(p)
+    assert np.all(np.isfinite(theta))
+    q, invalid = family._unpack(theta, p)
+    assert invalid.size == 0
+    np.testing.assert_allclose(q["covariances"], cov, rtol=0, atol=1e-12)
+    value, gradient = family._value_and_gradient(
+        p, family._train_stats(p, np.random.default_rng(0).normal(size=(50, 2)), np))
+    assert np.isfinite(value) and np.all(np.isfinite(gradient))
