@@ -68,6 +68,8 @@ def test_quickstart_runs_on_its_own_local_cluster(tmp_path, capsys):
     assert info["n_components"] == 4 and model.means_.shape == (4, 8)
     assert info["lower_bound"] == pytest.approx(info["score"], abs=1e-2)
     assert summary["report"] == str(tmp_path / "report.html")
+    if summary["report_status"] == "written":  # dmix.report is there (else "skipped: ...")
+        assert "<html" in (tmp_path / "report.html").read_text().lower()
 
 
 def test_donut_compares_models_on_held_out_rows(tmp_path, client):
@@ -192,8 +194,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.fixture
-def table(rng):
-    return rng.normal(size=(1037, 3))
+def table():
+    return np.random.default_rng(0).normal(size=(1037, 3))
 
 
 def test_ingest_npy_in_blocks(tmp_path, table):
