@@ -15,6 +15,7 @@ quickstart.
     dmix sample --model MODEL_DIR --n-samples N --output OUT.zarr
     dmix report MODEL_DIR [--data DATA.zarr] --output REPORT.html
     dmix quickstart [--n-samples 200000 --n-features 8 --n-components 4 --out DIR]
+    dmix run PIPELINE.toml [--set SECTION.KEY=VALUE ...] [--dry-run]
 
 ``fit`` and ``quickstart`` start a ``distributed.LocalCluster`` in process (one single-threaded
 worker process per core) unless ``--scheduler`` names a running scheduler, and print the
@@ -28,7 +29,7 @@ import argparse
 import sys
 
 from dmix import __version__
-from dmix.cli import infer, report, train
+from dmix.cli import infer, report, run, train
 from dmix.cli._common import _say
 from dmix.errors import DmixError
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_commands(sub)
     infer.add_commands(sub)
     report.add_commands(sub)
+    run.add_commands(sub)
     return parser
 
 
