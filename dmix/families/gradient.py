@@ -48,6 +48,8 @@ _HELDOUT_STREAM = 0x5EED_0001
 _SUBSET_TAG = 0x5EED_0002
 #: Prefix of the M-step state's copy of the best parameters (``best_score`` their objective).
 _BEST = "best_"
+#: Invalid L-BFGS trial points rejected in one M-step (each halves the step or less).
+_MAX_INVALID_TRIALS = 60
 
 
 def _weights_column(x, weighted: bool, xp):
@@ -218,6 +220,15 @@ class GradientTraining:
         value, gradient = self._value_and_gradient(params, stats)
         opt_state = {k: v for k, v in state.items() if not k.startswith(_BEST)}
         new_theta, opt_state, converged = opt.step(theta, value, gradient, opt_state)
+        if self.optimizer == "lbfgs":
+            # A trial point that gives no valid model (a step so long that a scale
+            # overflows) is a failed trial of the line search, not a collapse: the optimizer
+            # is told so at once, without a pass, and backtracks.
+            for _ in range(_MAX_INVALID_TRIALS):
+                if converged or not self._invalid_components(new_theta, params).size:
+                    break
+                new_theta, opt_state, converged = opt.step(
+                    new_theta, -math.inf, np.full_like(new_theta, np.nan), opt_state)
         new, bad = self._unpack_checked(new_theta, theta, params)
         if bad.size and self.on_collapse == "raise":
             raise IllConditionedError(
@@ -232,6 +243,14 @@ class GradientTraining:
         if converged:
             state["converged"] = True
         return new, state
+
+    def _invalid_components(self, theta: np.ndarray, params: Params) -> np.ndarray:
+        """Components whose entries of ``theta`` are not finite or give no valid model."""
+        owners = self._owners(params)
+        bad = np.unique(owners[~np.isfinite(theta)])
+        if bad.size:
+            return bad
+        return self._unpack(theta, params)[1]
 
     def _unpack_checked(self, theta: np.ndarray, previous: np.ndarray, params: Params):
         """``(params, bad components)``: the components whose entries of ``theta`` are not

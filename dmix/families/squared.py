@@ -210,7 +210,7 @@ validation_fraction, random_state, iteration
         """``(params, invalid components)`` from ``theta`` (finite by the caller's check)."""
         k, d = params["means"].shape
         w, mu, free = self._split(theta, k, d)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             if self.full:
                 rows, cols = np.tril_indices(d)
                 diag = rows == cols
