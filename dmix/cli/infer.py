@@ -59,6 +59,7 @@ from dmix.io.output import (
     output_group,
     write_arrays,
     write_generated,
+    write_predictions,
 )
 from dmix.io.source import DEFAULT_BLOCK_BYTES, as_source
 from dmix.rng import seed_sequence_int
@@ -200,22 +201,13 @@ def _cmd_predict(args) -> int:
             source = as_source(data, chunk_size=est.chunk_size)
     _say(_describe_source(source))
     _say(_describe_model(args.model, est))
-    counts = functools.partial(np.bincount, minlength=k)
     with output_group(args.output, overwrite=args.overwrite, inputs=(data, args.model),
                       what=what) as group, \
             _dask_client(args.scheduler, args.n_workers, args.dashboard_address,
                       args.gpus) as client:
         est.set_params(client=client, **compute_options(args))
         tic = time.perf_counter()
-        if args.proba:
-            proba = est.predict_proba(data)
-            # As GaussianMixture.predict does; both arrays come from the same blocks.
-            arrays = {"labels": proba.argmax(axis=1), "proba": proba}
-        else:
-            arrays = {"labels": est.predict(data)}
-        written = write_arrays(group, arrays, client=client,
-                               dtypes={"labels": np.int64, "proba": np.float64},
-                               summaries={"labels": counts})
+        written = write_predictions(group, est, data, proba=bool(args.proba), client=client)
         seconds = time.perf_counter() - tic
         n_per = np.asarray(written.summaries["labels"], dtype=np.int64)
         group.attrs[OUTPUT_ATTR] = _output_attrs(

@@ -53,6 +53,7 @@ from dmix.io.store import (
 from dmix.xp import to_host
 
 __all__ = [
+    "write_predictions",
     "OUTPUT_ATTR",
     "Written",
     "check_output_target",
@@ -444,6 +445,23 @@ def write_arrays(
         for name in names
     ]
     return _write(arrays, names, targets, summaries, rows, row_chunks, client)
+
+
+def write_predictions(group, estimator, data, *, proba: bool = False, client=None) -> Written:
+    """Write the ``labels`` (and with ``proba`` the ``proba``) of a fitted estimator on
+    ``data`` into ``group``, streamed; the ``labels`` summary counts the rows per component.
+
+    With ``proba`` the labels are the argmax of the same blocks' probabilities, as ``predict``
+    computes them."""
+    if proba:
+        probabilities = estimator.predict_proba(data)
+        arrays = {"labels": probabilities.argmax(axis=1), "proba": probabilities}
+    else:
+        arrays = {"labels": estimator.predict(data)}
+    counts = functools.partial(np.bincount, minlength=estimator.n_components)
+    return write_arrays(group, arrays, client=client,
+                        dtypes={"labels": np.int64, "proba": np.float64},
+                        summaries={"labels": counts})
 
 
 def _write(arrays, names, targets, summaries, rows, row_chunks, client) -> Written:

@@ -7,7 +7,6 @@ what was read, fitted and written.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 import warnings
@@ -230,7 +229,7 @@ def _write_outputs(est, data: str, source, paths: dict, outputs: dict, client) -
     """Save the model; stream labels and log-densities to Zarr (as ``dmix predict`` and
     ``dmix score`` do). Returns the mean log-likelihood and the counts per component."""
     from dmix.io.model import save_model
-    from dmix.io.output import OUTPUT_ATTR, output_group, write_arrays
+    from dmix.io.output import OUTPUT_ATTR, output_group, write_arrays, write_predictions
 
     result, n = {}, source.shape[0]
     if paths["model"]:
@@ -250,18 +249,10 @@ def _write_outputs(est, data: str, source, paths: dict, outputs: dict, client) -
     else:
         result["score"] = est.score(data)
     if paths["labels"]:
-        k = est.n_components
         with output_group(paths["labels"], overwrite=outputs["overwrite"], inputs=(data,),
                           what="the predictions") as group:
-            if outputs["proba"]:
-                proba = est.predict_proba(data)
-                arrays = {"labels": proba.argmax(axis=1), "proba": proba}
-            else:
-                arrays = {"labels": est.predict(data)}
-            written = write_arrays(group, arrays, client=client,
-                                   dtypes={"labels": np.int64, "proba": np.float64},
-                                   summaries={"labels": functools.partial(np.bincount,
-                                                                          minlength=k)})
+            written = write_predictions(group, est, data, proba=bool(outputs["proba"]),
+                                        client=client)
             result["counts"] = np.asarray(written.summaries["labels"], np.int64).tolist()
             group.attrs[OUTPUT_ATTR] = {"command": "predict", **attrs,
                                         "proba": outputs["proba"], "counts": result["counts"]}
