@@ -317,3 +317,20 @@ def test_cli_fit_gradient(tmp_path, capsys):
     assert main(["fit", data, "-k", "3", "--model", "gmm", "--fit-method", "gradient",
                  "--max-iter", "5", "--output", str(out), "--seed", "0"]) == 0
     assert dmix.load(out).fit_method == "gradient"
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag"])
+def test_a_covariance_at_the_floor_still_packs(covariance_type):
+    """``Sigma - floor I`` of rank 1 (flat against the floor): the free coordinates are still
+    finite and give the covariance back (the factor is repaired, not refused)."""
+    family = GaussianGradient(covariance_type=covariance_type, reg_covar=1e-3)
+    v = np.array([[1.0, 2.0], [0.5, -1.0]])
+    dense = v[:, :, None] * v[:, None, :] + 1e-3 * np.eye(2)
+    cov = {"full": dense, "tied": dense[0],
+           "diag": np.array([[1.0, 1e-3], [2.0, 0.5]])}[covariance_type]
+    params = family.make_params([0.4, 0.6], np.zeros((2, 2)), cov)
+    theta = family._pack(params)
+    assert np.all(np.isfinite(theta))
+    back, invalid = family._unpack(theta, params)
+    assert invalid.size == 0
+    np.testing.assert_allclose(back["covariances"], cov, rtol=0, atol=1e-12)

@@ -39,7 +39,14 @@ import numpy as np
 from dmix.errors import DataError, IllConditionedError
 from dmix.families.base import Params, Stats
 from dmix.families.gaussian import _EPS10, Gaussian, _shift
-from dmix.families.gradient import GradientTraining
+from dmix.families.gradient import (
+    GradientTraining,
+    factor_above_floor,
+    factor_gradient,
+    pack_factor,
+    unpack_factor,
+    variances_to_free,
+)
 
 __all__ = ["GaussianGradient"]
 
@@ -123,17 +130,11 @@ validation_fraction, on_collapse, random_state, iteration
 
     def _pack(self, params: Params) -> np.ndarray:
         log_w = np.log(params["weights"])
-        k, d = params["means"].shape
         cov = np.asarray(params["covariances"], dtype=np.float64)
         if self.covariance_type in _MATRIX:
-            chol = np.linalg.cholesky(cov - self.floor * np.eye(d))
-            rows, cols = np.tril_indices(d)
-            free = chol[..., rows, cols]
-            diag = rows == cols
-            free[..., diag] = np.log(free[..., diag])
+            free = pack_factor(factor_above_floor(cov, self.floor))
         else:
-            with np.errstate(divide="ignore"):
-                free = np.log(cov - self.floor)
+            free = variances_to_free(cov, self.floor)
         return np.concatenate([log_w - np.mean(log_w), params["means"].ravel(),
                                np.ravel(free)])
 
@@ -149,14 +150,9 @@ validation_fraction, on_collapse, random_state, iteration
         weights = np.exp(logits - np.max(logits))
         weights /= np.sum(weights)
         shape = self.covariance.shape(k, d)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             if self.covariance_type in _MATRIX:
-                rows, cols = np.tril_indices(d)
-                diag = rows == cols
-                free = free.reshape(shape[:-2] + (-1,))
-                chol = np.zeros(shape)
-                chol[..., rows[~diag], cols[~diag]] = free[..., ~diag]
-                chol[..., rows[diag], cols[diag]] = np.exp(free[..., diag])
+                chol = unpack_factor(free.reshape(shape[:-2] + (-1,)), d)
                 cov = chol @ np.swapaxes(chol, -1, -2) + self.floor * np.eye(d)
             else:
                 cov = (np.exp(free) + self.floor).reshape(shape)
@@ -172,7 +168,7 @@ validation_fraction, on_collapse, random_state, iteration
                 bad |= ~np.any(bad)
         if np.any(bad):
             if self.covariance.tied:
-                raise FloatingPointError(
+                raise IllConditionedError(
                     "The shared (tied) covariance became non-finite or singular during "
                     "gradient training; lower learning_rate or increase reg_covar.")
             return params, np.flatnonzero(bad)
@@ -250,11 +246,4 @@ validation_fraction, on_collapse, random_state, iteration
         cov = np.asarray(params["covariances"], dtype=np.float64)
         if self.covariance_type not in _MATRIX:
             return g_cov * (cov - self.floor)  # d/ds of exp(s) + floor
-        d = cov.shape[-1]
-        chol = np.linalg.cholesky(cov - self.floor * np.eye(d))
-        g_l = 2.0 * g_cov @ chol
-        rows, cols = np.tril_indices(d)
-        free = g_l[..., rows, cols]
-        diag = rows == cols
-        free[..., diag] *= chol[..., rows[diag], cols[diag]]  # d/dl of exp(l)
-        return free
+        return factor_gradient(g_cov, factor_above_floor(cov, self.floor))

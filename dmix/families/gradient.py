@@ -40,7 +40,8 @@ from dmix.families._optim import OPTIMIZERS, SCHEDULES, make_optimizer
 from dmix.families.base import SPEC_OMIT_DEFAULT, Params, State, Stats
 from dmix.rng import keyed_uniform
 
-__all__ = ["GradientTraining"]
+__all__ = ["GradientTraining", "factor_above_floor", "factor_gradient", "pack_factor",
+           "unpack_factor", "variances_to_free"]
 
 #: ``keyed_uniform`` streams: the held-out split.
 _HELDOUT_STREAM = 0x5EED_0001
@@ -275,3 +276,70 @@ class GradientTraining:
         params = {k[len(_BEST):]: v for k, v in state.items()
                   if k.startswith(_BEST) and k != "best_score"}
         return params, float(state["best_score"])
+
+
+# -- the free coordinates of covariances, shared by the gradient families --------------------
+#
+# A covariance is ``Sigma = L L^T + floor I`` with ``L`` lower triangular and free, its diagonal
+# log-parametrised (so every value is a valid model); a variance is ``exp(s) + floor``. A
+# symmetric gradient ``G`` in ``Sigma`` is ``2 G L`` in ``L`` (lower triangle), times ``l_dd``
+# on the diagonal for its logarithm; in ``s`` it is ``G (v - floor)``.
+
+
+def factor_above_floor(cov: np.ndarray, floor: float) -> np.ndarray:
+    """``L`` with ``L L^T = cov - floor I`` (matrices (..., D, D)).
+
+    A covariance at the floor in some direction has ``L L^T`` singular there, and rounding
+    can leave ``cov - floor I`` indefinite by ``eps |cov|``: its eigenvalues are then raised to
+    that level before factoring (deterministic, so resumed fits stay exact).
+    """
+    s = cov - floor * np.eye(cov.shape[-1])
+    try:
+        return np.linalg.cholesky(s)
+    except np.linalg.LinAlgError:
+        vals, vecs = np.linalg.eigh(0.5 * (s + np.swapaxes(s, -1, -2)))
+        level = 16 * np.finfo(np.float64).eps * np.max(np.abs(vals), axis=-1, keepdims=True)
+        s = (vecs * np.maximum(vals, level)[..., None, :]) @ np.swapaxes(vecs, -1, -2)
+        try:
+            return np.linalg.cholesky(0.5 * (s + np.swapaxes(s, -1, -2)))
+        except np.linalg.LinAlgError:
+            raise IllConditionedError(
+                "A covariance is not above the variance floor (reg_covar) times I: raise "
+                "reg_covar or scale the data.") from None
+
+
+def pack_factor(chol: np.ndarray) -> np.ndarray:
+    """The free entries of ``L`` (..., D, D): its lower triangle in ``np.tril_indices``
+    order, the diagonal as logarithms, shape (..., D (D + 1) / 2)."""
+    rows, cols = np.tril_indices(chol.shape[-1])
+    free = chol[..., rows, cols]
+    diag = rows == cols
+    free[..., diag] = np.log(free[..., diag])
+    return free
+
+
+def unpack_factor(free: np.ndarray, d: int) -> np.ndarray:
+    """``L`` (..., D, D) from :func:`pack_factor`'s entries (overflow gives ``inf``)."""
+    rows, cols = np.tril_indices(d)
+    diag = rows == cols
+    chol = np.zeros(free.shape[:-1] + (d, d))
+    chol[..., rows[~diag], cols[~diag]] = free[..., ~diag]
+    with np.errstate(over="ignore"):
+        chol[..., rows[diag], cols[diag]] = np.exp(free[..., diag])
+    return chol
+
+
+def factor_gradient(g_sigma: np.ndarray, chol: np.ndarray) -> np.ndarray:
+    """The gradient in :func:`pack_factor`'s entries from the symmetric gradient ``G`` in
+    ``Sigma = L L^T + floor I``."""
+    rows, cols = np.tril_indices(chol.shape[-1])
+    free = (2.0 * g_sigma @ chol)[..., rows, cols]
+    diag = rows == cols
+    free[..., diag] *= chol[..., rows[diag], cols[diag]]  # d/dl of exp(l)
+    return free
+
+
+def variances_to_free(var: np.ndarray, floor: float) -> np.ndarray:
+    """``s = log(v - floor)``; a variance at the floor (``exp(s)`` lost to rounding) keeps the
+    smallest normal number."""
+    return np.log(np.maximum(var - floor, np.finfo(np.float64).tiny))

@@ -46,9 +46,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from dmix.errors import IllConditionedError
 from dmix.families.base import Params, Stats, tree_add
-from dmix.families.gradient import GradientTraining
+from dmix.families.gradient import (
+    GradientTraining,
+    factor_above_floor,
+    factor_gradient,
+    pack_factor,
+    unpack_factor,
+    variances_to_free,
+)
 from dmix.xp import asarray_f64, to_host
 
 __all__ = ["SquaredGaussian", "log_normalizer"]
@@ -169,38 +175,11 @@ validation_fraction, random_state, iteration
 
     def _pack(self, params: Params) -> np.ndarray:
         cov = params["covariances"]
-        k, d = params["means"].shape
         if self.full:
-            chol = self._free_factor(cov)
-            rows, cols = np.tril_indices(d)
-            free = chol[:, rows, cols]
-            diag = rows == cols
-            free[:, diag] = np.log(free[:, diag])
-        else:  # a variance at the floor: exp(s) lost to rounding, kept the smallest normal
-            free = np.log(np.maximum(cov - self.reg_covar, np.finfo(np.float64).tiny))
+            free = pack_factor(factor_above_floor(cov, self.reg_covar))
+        else:
+            free = variances_to_free(cov, self.reg_covar)
         return np.concatenate([params["weights"], params["means"].ravel(), free.ravel()])
-
-    def _free_factor(self, cov: np.ndarray) -> np.ndarray:
-        """``L`` with ``L L^T = Sigma - reg_covar I`` (full covariances, (K, D, D)).
-
-        A component at the variance floor in some direction has ``L L^T`` singular there, and
-        rounding can leave ``Sigma - reg_covar I`` indefinite by ``eps |Sigma|``: its
-        eigenvalues are then raised to that level before factoring (deterministic, so resumed
-        fits stay exact)."""
-        s = cov - self.reg_covar * np.eye(cov.shape[-1])
-        try:
-            return np.linalg.cholesky(s)
-        except np.linalg.LinAlgError:
-            vals, vecs = np.linalg.eigh(0.5 * (s + np.swapaxes(s, -1, -2)))
-            floor = 16 * np.finfo(np.float64).eps * np.max(np.abs(vals), axis=-1,
-                                                           keepdims=True)
-            s = (vecs * np.maximum(vals, floor)[..., None, :]) @ np.swapaxes(vecs, -1, -2)
-            try:
-                return np.linalg.cholesky(0.5 * (s + np.swapaxes(s, -1, -2)))
-            except np.linalg.LinAlgError:
-                raise IllConditionedError(
-                    "A squared mixture's covariance is not above reg_covar * I: raise "
-                    "reg_covar or scale the data.") from None
 
     def _split(self, theta: np.ndarray, k: int, d: int):
         w, rest = theta[:k], theta[k:]
@@ -212,11 +191,7 @@ validation_fraction, random_state, iteration
         w, mu, free = self._split(theta, k, d)
         with np.errstate(over="ignore", invalid="ignore"):
             if self.full:
-                rows, cols = np.tril_indices(d)
-                diag = rows == cols
-                chol = np.zeros((k, d, d))
-                chol[:, rows[~diag], cols[~diag]] = free[:, ~diag]
-                chol[:, rows[diag], cols[diag]] = np.exp(free[:, diag])
+                chol = unpack_factor(free, d)
                 cov = chol @ np.swapaxes(chol, 1, 2) + self.reg_covar * np.eye(d)
             else:
                 cov = np.exp(free) + self.reg_covar
@@ -346,14 +321,7 @@ validation_fraction, random_state, iteration
         """The gradient with respect to the free covariance entries (see ``_pack``)."""
         if not self.full:
             return g_cov * (cov - self.reg_covar)  # d/ds of exp(s) + reg
-        d = cov.shape[1]
-        chol = self._free_factor(cov)
-        g_l = 2.0 * g_cov @ chol
-        rows, cols = np.tril_indices(d)
-        free = g_l[:, rows, cols]
-        diag = rows == cols
-        free[:, diag] *= chol[:, rows[diag], cols[diag]]  # d/dl of exp(l)
-        return free
+        return factor_gradient(g_cov, factor_above_floor(cov, self.reg_covar))
 
     def row_scores(self, params: Params, x, xp, workspace=None):
         """Each row's log-density (the engine re-seeds components at the lowest)."""
