@@ -55,10 +55,9 @@ def _positive_float(text: str) -> float:
 
 
 def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+    from dmix.engine.cluster import cpu_count
+
+    return cpu_count()
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
                  gpus=None):
     """A ``distributed.Client``: to ``scheduler`` if given, else to a new in-process cluster
     (of one worker per GPU with ``gpus``)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler and gpus is not None:
         raise DmixError("--gpus starts a local cluster; with --scheduler, start one "
@@ -188,11 +187,11 @@ def _dask_client(scheduler: str | None, n_workers: int | None, dashboard_address
             _say_dashboard(client)
             yield client
         return
+    from dmix.engine.cluster import local_client
+
     n_workers = n_workers or _cpu_count()
     # memory_limit="auto": the machine's memory shared equally between the workers.
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=dashboard_address, memory_limit="auto")
-    with cluster, Client(cluster) as client:
+    with local_client(n_workers, 1, "auto", dashboard_address) as client:
         limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
         per = f", {min(limits) / 2**30:.1f} GiB memory limit each" if all(limits) else ""
         _say(f"Started a local Dask cluster: {n_workers} worker process(es) x 1 thread{per}")

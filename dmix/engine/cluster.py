@@ -5,7 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["local_client"]
+__all__ = ["cpu_count", "local_client"]
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -30,10 +38,7 @@ def local_client(n_workers: int | None = None, threads_per_worker: int = 1,
     from distributed import Client, LocalCluster
 
     if n_workers is None:
-        try:
-            n_workers = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not on Linux
-            n_workers = os.cpu_count() or 1
+        n_workers = cpu_count()
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                            processes=True, memory_limit=memory_limit,
                            dashboard_address=dashboard_address)

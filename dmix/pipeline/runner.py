@@ -27,9 +27,9 @@ def _say(text: str) -> None:
 
 
 def _cpu_count() -> int:
-    from dmix.cli._common import _cpu_count as count
+    from dmix.engine.cluster import cpu_count
 
-    return count()
+    return cpu_count()
 
 
 # -- paths ------------------------------------------------------------------------------------
