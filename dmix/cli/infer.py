@@ -53,15 +53,9 @@ from dmix.cli._common import (
 )
 from dmix.datasets import mixture_rows
 from dmix.errors import DataError
-from dmix.io.output import (
-    OUTPUT_ATTR,
-    check_output_target,
-    output_group,
-    write_arrays,
-    write_generated,
-    write_predictions,
-)
+from dmix.io.output import write_arrays, write_generated, write_predictions
 from dmix.io.source import DEFAULT_BLOCK_BYTES, as_source
+from dmix.io.targets import OUTPUT_ATTR, check_output_target, output_group
 from dmix.rng import seed_sequence_int
 
 __all__ = ["add_commands", "load_estimator"]

@@ -229,7 +229,8 @@ def _write_outputs(est, data: str, source, paths: dict, outputs: dict, client) -
     """Save the model; stream labels and log-densities to Zarr (as ``dmix predict`` and
     ``dmix score`` do). Returns the mean log-likelihood and the counts per component."""
     from dmix.io.model import save_model
-    from dmix.io.output import OUTPUT_ATTR, output_group, write_arrays, write_predictions
+    from dmix.io.output import write_arrays, write_predictions
+    from dmix.io.targets import OUTPUT_ATTR, output_group
 
     result, n = {}, source.shape[0]
     if paths["model"]:

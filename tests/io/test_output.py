@@ -13,13 +13,8 @@ import zarr
 import dmix
 from dmix.errors import DataError, InvalidParameterError
 from dmix.io.model import save_model
-from dmix.io.output import (
-    check_output_target,
-    output_group,
-    write_arrays,
-    write_generated,
-    write_rows,
-)
+from dmix.io.output import write_arrays, write_generated, write_rows
+from dmix.io.targets import check_output_target, output_group
 
 
 @pytest.fixture(autouse=True)
