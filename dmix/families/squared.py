@@ -63,8 +63,10 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 COVARIANCE_TYPES = ("full", "diag")
 
 
-def log_normalizer(weights, means, covariances):
+def log_normalizer(weights, means, covariances, *, gradient: bool = True):
     """``log Z`` and its gradient with respect to ``(w, mu, Sigma)``.
+
+    ``Z = sum_ij w_i w_j M_ij`` with ``M_ij = N(mu_i; mu_j, Sigma_i + Sigma_j)``.
 
     Parameters
     ----------
@@ -72,46 +74,55 @@ def log_normalizer(weights, means, covariances):
     means : ndarray (K, D)
     covariances : ndarray (K, D, D) or (K, D)
         Full covariances, or the variances of diagonal ones.
+    gradient : bool, default=True
+        Whether to compute the gradient (it needs the inverses of the ``K^2`` pair
+        covariances; the value alone needs only their Cholesky factors).
 
     Returns
     -------
     log_z : float
-    grads : dict
+    grads : dict or None
         ``weights`` (K,), ``means`` (K, D) and ``covariances`` (the shape of
-        ``covariances``; the symmetric gradient for full ones) of ``log Z``.
+        ``covariances``; the symmetric gradient for full ones) of ``log Z``; None when
+        ``gradient`` is false.
     """
     weights = np.asarray(weights, dtype=np.float64)
     k, d = means.shape
     diff = means[:, None, :] - means[None, :, :]  # mu_i - mu_j
-    if covariances.ndim == 2:  # diagonal: every quantity factorises over the features
-        s = covariances[:, None, :] + covariances[None, :, :]
+    diagonal = covariances.ndim == 2
+    s = covariances[:, None] + covariances[None, :]
+    if diagonal:  # every quantity factorises over the features
         v = diff / s
         log_m = -0.5 * (d * _LOG_2PI + np.sum(np.log(s) + diff * v, axis=2))
-        s_inv, outer = 1.0 / s, v * v
     else:
-        s = covariances[:, None] + covariances[None, :]
         s_chol = np.linalg.cholesky(s)
         z = np.linalg.solve(s_chol, diff[..., None])[..., 0]
         log_det = 2.0 * np.sum(np.log(np.diagonal(s_chol, axis1=2, axis2=3)), axis=2)
         log_m = -0.5 * (d * _LOG_2PI + log_det + np.sum(z * z, axis=2))
-        s_inv = np.linalg.inv(s)
-        v = np.einsum("ijab,ijb->ija", s_inv, diff)
-        outer = v[..., :, None] * v[..., None, :]
     top = np.max(log_m)
     m = np.exp(log_m - top)  # M_ij / exp(top): Z and its gradient share the factor
     big_z = float(weights @ m @ weights)
     if not big_z > 0:
         raise FloatingPointError(f"The normaliser Z = {big_z} is not positive: every weight is "
                                  "zero or the components coincide.")
+    log_z = float(np.log(big_z) + top)
+    if not gradient:
+        return log_z, None
+    if diagonal:
+        s_inv, outer = 1.0 / s, v * v
+    else:
+        s_inv = np.linalg.inv(s)
+        v = np.einsum("ijab,ijb->ija", s_inv, diff)
+        outer = v[..., :, None] * v[..., None, :]
     wm = weights[None, :] * m / big_z  # w_j M_ij / Z
-    axes = "ija" if covariances.ndim == 2 else "ijab"
+    axes = "ija" if diagonal else "ijab"
     grads = {
         "weights": 2.0 * (m @ weights) / big_z,
         "means": -2.0 * weights[:, None] * np.einsum("ij,ija->ia", wm, v),
         "covariances": weights.reshape((k,) + (1,) * (covariances.ndim - 1))
         * np.einsum(f"ij,{axes}->{axes[0] + axes[2:]}", wm, outer - s_inv),
     }
-    return float(np.log(big_z) + top), grads
+    return log_z, grads
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,7 @@ validation_fraction, random_state, iteration
             prec_chol = np.swapaxes(np.linalg.solve(chol, eye), 1, 2)  # U = L^{-T}
         else:
             prec_chol = 1.0 / np.sqrt(covariances)
-        log_z, _ = log_normalizer(weights, means, covariances)
+        log_z, _ = log_normalizer(weights, means, covariances, gradient=False)
         return {"weights": weights, "means": means, "covariances": covariances,
                 "precisions_cholesky": prec_chol, "log_normalizer": np.float64(log_z)}
 

@@ -87,7 +87,8 @@ def test_gradients_against_finite_differences(cov_type, d):
 def test_log_normalizer_gradient_against_finite_differences(cov_type):
     family, p = _params(cov_type, d=2, seed=3)
     w, mu, cov = p["weights"], p["means"], p["covariances"]
-    _, grads = log_normalizer(w, mu, cov)
+    log_z, grads = log_normalizer(w, mu, cov)
+    assert log_normalizer(w, mu, cov, gradient=False) == (log_z, None)
     np.testing.assert_allclose(grads["weights"], _fd(lambda v: log_normalizer(v, mu, cov)[0], w),
                                rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(grads["means"], _fd(lambda v: log_normalizer(w, v, cov)[0], mu),
