@@ -141,6 +141,8 @@ class _Covariance:
 
     name: str
     tied: bool
+    #: The covariances are matrices (full, tied); otherwise variances.
+    matrix: bool
 
     def shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
         """Shape of ``covariances_``, ``precisions_`` and ``precisions_cholesky_``."""
@@ -201,6 +203,20 @@ class _Covariance:
         """The covariances as a (K, D, D) array of full matrices."""
         raise NotImplementedError
 
+    def apply_precision(self, prec_chol: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """``P_k v_k`` for each component's vector ``v_k`` (rows of ``vectors``, (K, D))."""
+        raise NotImplementedError
+
+    def sandwich(self, precisions: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """``P S P`` in the structure's form, for ``S`` of the shape of ``covariances_``."""
+        raise NotImplementedError
+
+    def scatter_counts(self, nk: np.ndarray, n_features: int):
+        """``N`` such that ``N * estimate(...)`` is the summed scatter behind each covariance
+        entry (broadcastable to the covariances): ``N_k`` per component, ``sum_k N_k`` when
+        tied, times ``D`` when one variance serves ``D`` coordinates (spherical)."""
+        raise NotImplementedError
+
     def log_prob(self, xc, means_c, prec_chol, xp, ws: Workspace | None = None):
         """``log N(x | mu_k, Sigma_k)`` per row and component, shape (n, K).
 
@@ -218,7 +234,7 @@ class _Covariance:
 
 
 class Full(_Covariance):
-    name, tied = "full", False
+    name, tied, matrix = "full", False, True
 
     def shape(self, n_components, n_features):
         return (n_components, n_features, n_features)
@@ -285,6 +301,15 @@ class Full(_Covariance):
     def dense(self, covariances, n_components, n_features):
         return np.asarray(covariances, dtype=np.float64)
 
+    def apply_precision(self, prec_chol, vectors):
+        return np.einsum("kab,kb->ka", self.precisions(prec_chol), vectors)
+
+    def sandwich(self, precisions, s):
+        return precisions @ s @ precisions
+
+    def scatter_counts(self, nk, n_features):
+        return nk[:, None, None]
+
 
 class Tied(Full):
     name, tied = "tied", True
@@ -318,12 +343,18 @@ class Tied(Full):
     def precision_cholesky(self, covariances):
         return _upper_factor_of_inverse(covariances, _shared)
 
+    def apply_precision(self, prec_chol, vectors):
+        return vectors @ self.precisions(prec_chol)
+
+    def scatter_counts(self, nk, n_features):
+        return np.sum(nk)
+
     def dense(self, covariances, n_components, n_features):
         return np.broadcast_to(covariances, (n_components, n_features, n_features)).copy()
 
 
 class Diag(_Covariance):
-    name, tied = "diag", False
+    name, tied, matrix = "diag", False, False
 
     def shape(self, n_components, n_features):
         return (n_components, n_features)
@@ -381,6 +412,15 @@ class Diag(_Covariance):
         rows = np.broadcast_to(covariances, (n_components, n_features))
         return rows[:, :, None] * np.eye(n_features)
 
+    def apply_precision(self, prec_chol, vectors):
+        return self._precision_rows(prec_chol, *vectors.shape) * vectors
+
+    def sandwich(self, precisions, s):
+        return precisions * precisions * s
+
+    def scatter_counts(self, nk, n_features):
+        return nk[:, None]
+
 
 class Spherical(Diag):
     name, tied = "spherical", False
@@ -417,6 +457,9 @@ class Spherical(Diag):
         var = np.broadcast_to(covariances, (n_components,))
         return var[:, None, None] * np.eye(n_features)
 
+    def scatter_counts(self, nk, n_features):
+        return n_features * nk
+
 
 class TiedDiag(Diag):
     name, tied = "tied_diag", True
@@ -439,6 +482,9 @@ class TiedDiag(Diag):
     def precision_cholesky(self, covariances):
         _check_positive(covariances, _shared)
         return 1.0 / np.sqrt(covariances)
+
+    def scatter_counts(self, nk, n_features):
+        return np.sum(nk)
 
 
 class TiedSpherical(Spherical):
@@ -463,6 +509,9 @@ class TiedSpherical(Spherical):
     def precision_cholesky(self, covariances):
         _check_positive(covariances, _shared)
         return 1.0 / np.sqrt(covariances)
+
+    def scatter_counts(self, nk, n_features):
+        return n_features * np.sum(nk)
 
 
 #: The table of covariance structures, by name. ``tied_full`` is an alias of ``tied``.

@@ -50,9 +50,6 @@ from dmix.families.gradient import (
 
 __all__ = ["GaussianGradient"]
 
-_MATRIX = ("full", "tied")
-
-
 @dataclass(frozen=True)
 class GaussianGradient(GradientTraining, Gaussian):
     """Gaussian mixture family fitted by gradients (see the module docstring).
@@ -101,7 +98,7 @@ validation_fraction, on_collapse, random_state, iteration
         k, d = params["means"].shape
         covs = np.array(params["covariances"], dtype=np.float64)
         floor = self.floor
-        lifted = covs + floor * (np.eye(d) if self.covariance_type in _MATRIX else 1.0)
+        lifted = covs + floor * (np.eye(d) if cov.matrix else 1.0)
         stacked = covs if not cov.tied else covs[None]
         for j in range(1 if cov.tied else k):
             if not self._has_margin(stacked[j]):
@@ -120,7 +117,7 @@ validation_fraction, on_collapse, random_state, iteration
         return self.make_params(weights / np.sum(weights), params["means"], covs)
 
     def _has_margin(self, cov) -> bool:
-        if self.covariance_type in _MATRIX:
+        if self.covariance.matrix:
             try:
                 np.linalg.cholesky(cov - self.floor * np.eye(cov.shape[-1]))
             except np.linalg.LinAlgError:
@@ -131,17 +128,12 @@ validation_fraction, on_collapse, random_state, iteration
     def _pack(self, params: Params) -> np.ndarray:
         log_w = np.log(params["weights"])
         cov = np.asarray(params["covariances"], dtype=np.float64)
-        if self.covariance_type in _MATRIX:
+        if self.covariance.matrix:
             free = pack_factor(factor_above_floor(cov, self.floor))
         else:
             free = variances_to_free(cov, self.floor)
         return np.concatenate([log_w - np.mean(log_w), params["means"].ravel(),
                                np.ravel(free)])
-
-    def _n_free(self, k: int, d: int) -> int:
-        """Entries of ``theta`` for the covariances."""
-        return {"full": k * d * (d + 1) // 2, "tied": d * (d + 1) // 2, "diag": k * d,
-                "spherical": k, "tied_diag": d, "tied_spherical": 1}[self.covariance_type]
 
     def _unpack(self, theta: np.ndarray, params: Params):
         """``(params, invalid components)`` from ``theta`` (finite by the caller's check)."""
@@ -151,7 +143,7 @@ validation_fraction, on_collapse, random_state, iteration
         weights /= np.sum(weights)
         shape = self.covariance.shape(k, d)
         with np.errstate(over="ignore", invalid="ignore"):
-            if self.covariance_type in _MATRIX:
+            if self.covariance.matrix:
                 chol = unpack_factor(free.reshape(shape[:-2] + (-1,)), d)
                 cov = chol @ np.swapaxes(chol, -1, -2) + self.floor * np.eye(d)
             else:
@@ -185,7 +177,7 @@ validation_fraction, on_collapse, random_state, iteration
     def _owners(self, params: Params) -> np.ndarray:
         k, d = params["means"].shape
         comp = np.arange(k)
-        m = self._n_free(k, d)
+        m = self.covariance.n_parameters(k, d)  # entries of theta
         cov_owner = np.full(m, -1) if self.covariance.tied else np.repeat(comp, m // k)
         return np.concatenate([comp, np.repeat(comp, d), cov_owner])
 
@@ -206,13 +198,7 @@ validation_fraction, on_collapse, random_state, iteration
         s2 = cov.from_quadratic(np.ascontiguousarray(np.asarray(stats["s2"]).T))
         a = params["means"] - _shift(params)
         sigma_hat = cov.estimate(nk, b, s2, 0.0) - cov.estimate(nk, b - a, 0.0 * s2, 0.0)
-        weight = np.sum(nk) if cov.tied else nk
-        d = a.shape[1]
-        if self.covariance_type in ("spherical", "tied_spherical"):
-            weight = d * weight
-        elif self.covariance_type in ("full", "diag"):
-            weight = weight.reshape((-1,) + (1,) * (sigma_hat.ndim - 1))
-        return sigma_hat, weight
+        return sigma_hat, cov.scatter_counts(nk, a.shape[1])
 
     def _value_and_gradient(self, params: Params, stats: Stats):
         """The mean log-likelihood of the step's rows and its gradient in ``theta``."""
@@ -220,22 +206,12 @@ validation_fraction, on_collapse, random_state, iteration
         n = float(stats["n"])
         nk = np.asarray(stats["nk"], dtype=np.float64)
         s1 = np.ascontiguousarray(stats["s1"], dtype=np.float64)
-        means = params["means"]
-        k, d = means.shape
-        a = means - _shift(params)
-        prec = cov.precisions(params["precisions_cholesky"])
+        prec_chol = params["precisions_cholesky"]
+        prec = cov.precisions(prec_chol)
         sigma_hat, weight = self.scatter(params, stats)
-        resid = s1 - nk[:, None] * a  # sum_i r_ik (x_i - mu_k)
-        if self.covariance_type == "full":
-            g_mu = np.einsum("kab,kb->ka", prec, resid)
-            g_cov = 0.5 * weight * (prec @ sigma_hat @ prec - prec)
-        elif self.covariance_type == "tied":
-            g_mu = resid @ prec
-            g_cov = 0.5 * weight * (prec @ sigma_hat @ prec - prec)
-        else:
-            p_rows = cov._precision_rows(params["precisions_cholesky"], k, d)
-            g_mu = p_rows * resid
-            g_cov = 0.5 * weight * (prec * prec * sigma_hat - prec)
+        resid = s1 - nk[:, None] * (params["means"] - _shift(params))  # sum_i r_ik (x_i - mu_k)
+        g_mu = cov.apply_precision(prec_chol, resid)
+        g_cov = 0.5 * weight * (cov.sandwich(prec, sigma_hat) - prec)
         g_logit = nk - np.sum(nk) * params["weights"]
         grad = np.concatenate([g_logit, g_mu.ravel(),
                                np.ravel(self._covariance_gradient(g_cov, params))])
@@ -244,6 +220,6 @@ validation_fraction, on_collapse, random_state, iteration
     def _covariance_gradient(self, g_cov, params: Params) -> np.ndarray:
         """The gradient with respect to the free covariance entries (see ``_pack``)."""
         cov = np.asarray(params["covariances"], dtype=np.float64)
-        if self.covariance_type not in _MATRIX:
+        if not self.covariance.matrix:
             return g_cov * (cov - self.floor)  # d/ds of exp(s) + floor
         return factor_gradient(g_cov, factor_above_floor(cov, self.floor))

@@ -262,6 +262,37 @@ def test_precision_round_trips(cov, rng):
     assert_rel(cov.precision_cholesky(cov.covariances_from_precisions(prec)), u, 1e-10)
 
 
+def test_apply_precision_and_sandwich_match_dense(cov, rng):
+    """``P_k v_k`` and ``P S P`` (the gradient of a Gaussian in its covariance) against the
+    dense (K, D, D) products."""
+    u = cov.precision_cholesky(random_covariances(cov.name, rng))
+    prec = cov.precisions(u)
+    v = rng.normal(size=(K, D))
+    dense_prec = cov.dense(prec, K, D)
+    assert_rel(cov.apply_precision(u, v), np.einsum("kab,kb->ka", dense_prec, v), 1e-12)
+    s = random_covariances(cov.name, rng)
+    got = cov.sandwich(prec, s)
+    assert np.shape(got) == cov.shape(K, D)
+    assert_rel(cov.dense(got, K, D), dense_prec @ cov.dense(s, K, D) @ dense_prec, 1e-12)
+
+
+def test_scatter_counts_times_estimate_is_the_summed_scatter(cov, rng):
+    """``N * estimate`` is the responsibility-weighted scatter summed over what each
+    covariance entry stands for: components when tied, coordinates when spherical."""
+    x = rng.normal(size=(200, D))
+    resp = rng.dirichlet(np.ones(K), size=200)
+    nk = resp.sum(axis=0)
+    b = resp.T @ x / nk[:, None]
+    diff = x[:, None, :] - b[None]
+    full = np.einsum("nk,nkd,nke->kde", resp, diff, diff)
+    diag = np.diagonal(full, axis1=1, axis2=2)
+    want = {"full": full, "tied": full.sum(axis=0), "diag": diag, "spherical": diag.sum(axis=1),
+            "tied_diag": diag.sum(axis=0), "tied_spherical": np.asarray(diag.sum())}[cov.name]
+    got = cov.scatter_counts(nk, D) * cov.estimate(nk, b, second_moment(cov, resp, x), 0.0)
+    assert np.shape(got) == cov.shape(K, D)
+    assert_rel(got, want, 1e-10)
+
+
 def test_make_params_from_precisions_equals_from_covariances(cov, rng):
     family = Gaussian(covariance_type=cov.name)
     c = random_covariances(cov.name, rng)
