@@ -365,9 +365,14 @@ class Diag(_Covariance):
     def log_det(self, prec_chol, n_features):
         return np.sum(np.log(prec_chol), axis=-1)
 
+    def per_coordinate(self, values, n_components, n_features):
+        """Values stored in the structure's shape (variances, precisions) as one per component
+        and coordinate, shape (K, D) (a read-only broadcast)."""
+        return np.broadcast_to(values, (n_components, n_features))
+
     def _precision_rows(self, prec_chol, n_components, n_features):
         """Per-component precision diagonals, shape (K, D)."""
-        return np.broadcast_to(prec_chol**2, (n_components, n_features))
+        return self.per_coordinate(prec_chol**2, n_components, n_features)
 
     def mahalanobis(self, xc, means_c, prec_chol, xp, ws=None):
         ws = ws or Workspace()
@@ -434,8 +439,8 @@ class Spherical(Diag):
     def log_det(self, prec_chol, n_features):
         return n_features * np.log(prec_chol)
 
-    def _precision_rows(self, prec_chol, n_components, n_features):
-        return np.broadcast_to(np.reshape(prec_chol**2, (-1, 1)), (n_components, n_features))
+    def per_coordinate(self, values, n_components, n_features):
+        return np.broadcast_to(np.reshape(values, (-1, 1)), (n_components, n_features))
 
     def n_quadratic(self, n_features):
         return 1

@@ -82,12 +82,9 @@ def _shift(params) -> np.ndarray:
 
 def _variance_rows(family, params) -> np.ndarray:
     """Per-component variances (K, D) of a diagonal or spherical structure."""
-    means = params["means"]
-    k, d = means.shape
+    k, d = params["means"].shape
     var = np.asarray(params["covariances"], dtype=np.float64)
-    if family.covariance_type == "spherical":
-        var = var[:, None]
-    return np.ascontiguousarray(np.broadcast_to(var, (k, d)))
+    return np.ascontiguousarray(family.covariance.per_coordinate(var, k, d))
 
 
 def _zero_stats(k: int, d: int, n_quadratic: int) -> dict:
@@ -144,8 +141,8 @@ def _diagonal(family, params, x, missing, has_inf, want_stats: bool):
     # xhat_ka = x_a (observed) or mu_ka (missing); C_k = diag(var_ka, a missing).
     s1 = resp.T @ y_obs + miss_w * means_c
     q = resp.T @ (y_obs * y_obs) + miss_w * (means_c * means_c + var)
-    if family.covariance_type in ("spherical", "tied_spherical"):
-        q = np.sum(q, axis=1, keepdims=True)  # Q(x) = |x|^2, P(C) = trace C
+    if family.covariance.n_quadratic(x.shape[1]) == 1:  # spherical: Q(x) = |x|^2, P(C) = tr C
+        q = np.sum(q, axis=1, keepdims=True)
     return resp, log_norm, bad, {"nk": np.sum(resp, axis=0), "s1": s1, "s2": q}
 
 
