@@ -121,7 +121,15 @@ def test_larger_than_memory_streams_and_resumes(tmp_path, client):
                          client=client)
     assert again["data"]["reused"]
     assert again["models"]["gmm"]["n_iter"] > 1
-    assert again["models"]["gmm"]["lower_bound"] > first["models"]["gmm"]["lower_bound"]
+    assert again["models"]["gmm"]["iterations_run"] == again["models"]["gmm"]["n_iter"] - 1
+    assert again["models"]["gmm"]["lower_bound"] >= first["models"]["gmm"]["lower_bound"]
+    # ... exactly as a run that was never interrupted (its own checkpoints and outputs).
+    whole = run_pipeline(PIPELINES / "larger-than-memory.toml", [
+        *sets[:3], "model.max_iter=20", f"checkpoint.directory={tmp_path / 'ckpt-whole'}",
+        f"outputs.directory={tmp_path / 'whole'}"], client=client)
+    assert whole["models"]["gmm"]["iterations_run"] == whole["models"]["gmm"]["n_iter"]
+    for key in ("n_iter", "lower_bound", "converged"):
+        assert again["models"]["gmm"][key] == whole["models"]["gmm"][key], key
 
 
 # -- errors in the file -----------------------------------------------------------------------

@@ -298,7 +298,9 @@ def run_pipeline(pipeline, sets=(), *, dry_run: bool = False, client=None) -> di
     dict
         ``pipeline``, ``data`` (``path``, ``source``, ``n_samples``, ``n_features``,
         ``n_fit``, ``n_holdout``, ``reused``), ``cluster``, ``models`` (by label:
-        ``estimator``, ``n_components``, ``converged``, ``n_iter``, ``lower_bound``,
+        ``estimator``, ``n_components``, ``converged``, ``n_iter``, ``iterations_run``
+        (computed by this run: fewer than ``n_iter`` after a resume; None for a selection),
+        ``lower_bound``,
         ``score`` (mean log-likelihood of every row), ``holdout_score``, ``counts``,
         ``fit_seconds``, and the paths ``model``, ``labels``, ``scores``), ``best`` (the label
         with the highest held-out score, else the highest score), ``compared_on``,
@@ -367,11 +369,16 @@ def run_pipeline(pipeline, sets=(), *, dry_run: bool = False, client=None) -> di
                 t0 = time.perf_counter()
                 _fit(lambda est=est: est.fit(fit_data, resume=resume, monitor=history))
                 seconds = time.perf_counter() - t0
-                _say(f"[fit] {m['label']}: {type(est).__name__}, {est.n_iter_} iterations, "
-                     f"converged {str(bool(est.converged_)).lower()}, lower bound "
+                ran = len(history.records)
+                resumed = (f" (resumed after iteration {est.n_iter_ - ran})"
+                           if ran < est.n_iter_ else "")
+                _say(f"[fit] {m['label']}: {type(est).__name__}, {est.n_iter_} iterations"
+                     f"{resumed}, converged {str(bool(est.converged_)).lower()}, lower bound "
                      f"{est.lower_bound_:.6f} ({seconds:.1f} s)")
             info = {"estimator": type(est).__name__, "n_components": int(est.n_components),
                     "converged": bool(est.converged_), "n_iter": int(est.n_iter_),
+                    # iterations this run computed (fewer than n_iter after a resume)
+                    "iterations_run": len(history.records) if history is not None else None,
                     "lower_bound": float(est.lower_bound_), "fit_seconds": seconds,
                     "holdout_score": None, **paths[m["label"]]}
             if test_data is not None:
