@@ -3,6 +3,7 @@ chunking, EM that never lowers the bound, exact resume from checkpoints, save an
 criteria, sampling, the shared options (annealing, var_regularization, stopping criteria,
 restarts), a real cluster reading Zarr from disk, and ``dmix fit --model``."""
 
+import re
 import warnings
 
 import dask.array as da
@@ -257,6 +258,17 @@ def test_cli_fit_model(case, client, stores, tmp_path, capsys):
     drawn = zarr.open_group(tmp_path / "sample", mode="r")
     assert drawn["X"].shape == (500, x.shape[1]) and drawn["labels"].shape == (500,)
     assert abs(expected.score(drawn["X"][:]) - expected.score(x)) < 0.4
+    # dmix info: the clusters' weights and means, whatever the family's parameters are.
+    capsys.readouterr()
+    assert cli_main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert re.search(r"n_components\s+3\n", info)
+    assert re.search(rf"n_features\s+{x.shape[1]}\n", info)
+    rows = re.findall(r"^\s+(\d+)\s+(-?[\d.]+)\s+([\d.]+)\s", info.split("Components")[1], re.M)
+    assert sorted(int(j) for j, _, _ in rows) == [0, 1, 2]
+    for j, weight, norm in rows:
+        assert float(weight) == pytest.approx(loaded.weights_[int(j)], abs=5e-5)
+        assert float(norm) == pytest.approx(np.linalg.norm(loaded.means_[int(j)]), abs=5e-5)
 
 
 def test_integer_sample_weights_fit_as_repeated_rows(case):

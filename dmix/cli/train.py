@@ -32,7 +32,7 @@ from dmix.datasets import SHAPES, ShapeDataset, make_mixture, make_shape, match_
 from dmix.errors import DmixError
 from dmix.estimators import resume as dmix_resume
 from dmix.io.checkpoint import CheckpointDir
-from dmix.io.model import save_model
+from dmix.io.model import load_model, save_model
 from dmix.io.source import as_source
 from dmix.io.store import (
     check_model_target,
@@ -307,12 +307,14 @@ def _resume_command(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    family, params, attrs = read_model(args.model)
+    family, _, attrs = read_model(args.model)
     defaults = family_defaults(family.get("name"))
-    weights = np.asarray(params.get("weights", []))
-    means = np.asarray(params.get("means", np.empty((0, 0))))
-    k = weights.shape[0]
-    d = means.shape[1] if means.ndim == 2 else attrs.get("n_features_in_")
+    # The estimator's own weights_ and means_: for the deep families, those of the clusters
+    # (each a mixture of paths), not of any layer.
+    est = load_model(args.model)
+    weights = np.asarray(getattr(est, "weights_", np.empty(0)))
+    means = np.asarray(getattr(est, "means_", np.empty((0, 0))))
+    k, d = int(est.n_components), int(est.n_features_in_)
     lines = [
         ("family", family.get("name")),
         # the hyperparameters that differ from the defaults (always the covariance type)
@@ -334,13 +336,12 @@ def _cmd_info(args) -> int:
     _say(f"Model: {args.model}")
     for key, value in lines:
         _say(f"  {key:<16} {value}")
-    if k:
-        shown = min(d or 0, 6)
-        cols = f"first {shown} of {d} features" if (d or 0) > shown else f"{d} features"
+    if weights.shape == (k,) and means.shape == (k, d):
+        shown = min(d, 6)
+        cols = f"first {shown} of {d} features" if d > shown else f"{d} features"
         _say(f"Components (weight, ||mean||, mean: {cols}):")
-        order = np.argsort(-weights)
-        for j in order:
-            mean = means[j] if means.ndim == 2 else np.empty(0)
+        for j in np.argsort(-weights):
+            mean = means[j]
             _say(f"  {j:>3}  {weights[j]:.4f}  {np.linalg.norm(mean):>10.4f}  "
                  f"{_fmt_vector(mean, limit=6)}")
     return 0
