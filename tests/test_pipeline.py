@@ -132,6 +132,31 @@ def test_larger_than_memory_streams_and_resumes(tmp_path, client):
         assert again["models"]["gmm"][key] == whole["models"]["gmm"][key], key
 
 
+def test_zarr_url_and_a_scheduler_address(tmp_path, client):
+    """[data] path as an fsspec URL with its own array name; [cluster] address: the run
+    connects to that scheduler and fits what the library fits on the same rows."""
+    from dmix.datasets import make_mixture
+
+    x = make_mixture(3000, 3, 3, seed=4).rows(0, 3000)
+    zarr.open_group(str(tmp_path / "d.zarr"), mode="w").create_array(
+        "Y", data=x, chunks=(500, 3))
+    text = (f"[data]\npath = 'file://{tmp_path / 'd.zarr'}'\narray = 'Y'\n"
+            "[model]\nname = 'gmm'\nn_components = 3\nrandom_state = 0\n"
+            f"[cluster]\naddress = '{client.scheduler.address}'\n"
+            f"[outputs]\ndirectory = '{tmp_path / 'out'}'\nreport = false\n")
+    summary = run_pipeline(text)
+    assert summary["cluster"]["kind"] == "address" and summary["cluster"]["n_workers"] == 2
+    assert summary["data"]["n_samples"] == 3000 and summary["data"]["n_features"] == 3
+    info = summary["models"]["gmm"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        local = dmix.GaussianMixture(3, random_state=0, chunk_size=500).fit(x)
+    assert info["lower_bound"] == pytest.approx(local.lower_bound_, rel=1e-10)
+    np.testing.assert_allclose(dmix.load(info["model"]).means_, local.means_, rtol=1e-9)
+    labels = zarr.open_group(info["labels"], mode="r")["labels"][:]
+    np.testing.assert_array_equal(labels, local.predict(x))
+
+
 # -- errors in the file -----------------------------------------------------------------------
 
 
