@@ -47,8 +47,8 @@ class DeepGaussianMixture(BaseMixture):
         'exact': EM from per-path statistics (model-math section 3.3). 'stochastic': the
         paper's stochastic EM (section 3.2): every row's path and latents are drawn from their
         posterior, keyed by ``(random_state, iteration, row, layer)``, so a fit does not depend
-        on the chunking or the cluster and resumes exactly; no ``sample_weight``. See Notes on
-        stopping it.
+        on the chunking or the cluster and resumes exactly; with ``sample_weight`` each row
+        draws once and its draw counts its weight. See Notes on stopping it.
 {engine_parameters}
     Attributes
     ----------

@@ -85,8 +85,21 @@ def test_wine_clusters(cls):
 def test_bad_options_raise():
     with pytest.raises(InvalidParameterError, match="'fit_method'.*'exact' or 'stochastic'"):
         dmix.DeepGaussianMixture(fit_method="sem").fit(X)
-    with pytest.raises(InvalidParameterError, match="sample_weight"):
-        _fit(dmix.GaussianMixtureNetwork, sample_weight=np.ones(len(X)))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_sample_weights(cls):
+    """Unit weights are the unweighted fit, bit for bit; a weighted fit does not depend on the
+    chunking, differs from the unweighted one, and only the weights' ratios matter."""
+    plain = _fit(cls)
+    _assert_same(_fit(cls, sample_weight=np.ones(len(X))), plain, rtol=0)
+    w = np.random.default_rng(1).uniform(0.5, 2.0, size=len(X))
+    a = _fit(cls, sample_weight=w, chunk_size=50)
+    b = _fit(cls, x=da.from_array(X, chunks=(29, 13)), sample_weight=w)
+    _assert_same(a, b, rtol=1e-10)
+    assert not np.allclose(a.means_, plain.means_)
+    # Doubling every weight changes no ratio: the same fit up to rounding.
+    _assert_same(_fit(cls, sample_weight=2 * w, chunk_size=50), a, rtol=1e-8)
 
 
 def test_save_and_load_keep_the_method(tmp_path):

@@ -28,6 +28,8 @@ the deepest)::
 
     n, loglik, n_nonfinite            as every family
     path_counts       (P,)            rows drawn on each path (the weights' M-step)
+
+(with row weights every sum counts each row's draw ``w_i`` times, and "rows" is their weight)
     sem{l}/w0         (k_l,)          rows
     sem{l}/sa, sb     (k_l, r)        sum (a - c_a), sum (b - c_b)
     sem{l}/saa, sab, sbb (k_l, r, r)  sums of the outer products of the shifted a, b
@@ -120,8 +122,14 @@ def sem_estep(family, params, x, xp, ws: Workspace, start: int) -> dict:
 
     Runs on the host in float64 (a CUDA block is copied back). ``start`` is the global index
     of ``x``'s first row; ``family.iteration`` and ``family.random_state`` key the draws.
+    With ``family.weighted`` the last column holds the rows' weights ``w_i``: each row still
+    draws once, and its draw counts ``w_i`` times in every sum (``n`` is ``sum_i w_i``), so the
+    expected statistics are the weighted exact ones.
     """
     x = np.asarray(to_host(x), dtype=np.float64)
+    weights = None
+    if family.weighted:
+        x, weights = x[:, :-1], x[:, -1]
     n, d = x.shape
     paths = family._paths(params, ws)
     with np.errstate(all="ignore"):  # non-finite rows are counted and reported
@@ -143,6 +151,7 @@ def sem_estep(family, params, x, xp, ws: Workspace, start: int) -> dict:
     u = keyed_uniform(family.random_state, streams[0], rows) * cum[:, -1] if n else np.zeros(0)
     path = np.minimum(np.sum(cum < u[:, None], axis=1), comp.shape[0] - 1)
     path, y, rows = path[ok], x[ok], rows[ok]
+    w = np.ones(path.size) if weights is None else weights[ok]
     # 2. latents: z = m_s + G_s (y - mu_s) + L_s eps, eps^(l) keyed by layer l
     eps = np.concatenate([_normals(family.random_state, streams[l], rows, dims[l - 1])
                           for l in range(1, h + 1)], axis=1)
@@ -155,13 +164,14 @@ def sem_estep(family, params, x, xp, ws: Workspace, start: int) -> dict:
                                                   centred)
         latents.append(z + noise[:, off[l - 1]:off[l]])
     c_a, c_b = _layer_shifts(family, params)
-    stats = {"n": float(n), "loglik": float(np.sum(log_norm[ok])),
+    stats = {"n": float(n) if weights is None else float(np.sum(weights)),
+             "loglik": float(np.sum(w * log_norm[ok])),
              "n_nonfinite": float(n - np.count_nonzero(ok)),
-             "path_counts": np.bincount(path, minlength=comp.shape[0]).astype(np.float64)}
+             "path_counts": np.bincount(path, weights=w, minlength=comp.shape[0])}
     for i, k in enumerate(sizes):
         j = comp[path, i]
-        onehot = np.zeros((j.size, k))
-        onehot[np.arange(j.size), j] = 1.0
+        onehot = np.zeros((j.size, k))  # each row's weight in the column of its component
+        onehot[np.arange(j.size), j] = w
         a = latents[i] - c_a[i][j]
         b = latents[i + 1] - c_b[i]
         stats.update({f"sem{i}/w0": onehot.sum(axis=0), f"sem{i}/sa": onehot.T @ a,

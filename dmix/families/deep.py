@@ -168,10 +168,6 @@ class DeepGaussian:
                 raise InvalidParameterError(
                     f"The {name!r} of {type(self).__name__} must be an int. Got {value!r} "
                     "instead.")
-        if self.fit_method == "stochastic" and self.weighted:
-            raise InvalidParameterError(
-                f"{type(self).__name__} with fit_method='stochastic' does not take row "
-                "weights (sample_weight): use fit_method='exact' or repeat rows.")
 
     @property
     def needs_row_index(self) -> bool:

@@ -65,6 +65,32 @@ def test_sem_statistics_average_to_the_exact_posterior_sums(cls, sizes, dims):
     assert np.max(sab.std(axis=0)) > 0.01 * np.max(np.abs(expected["sem0/sab"]))
 
 
+def test_weighted_sem_statistics_average_to_the_weighted_posterior_sums():
+    """With row weights (the block's last column) each row draws once and counts w_i times:
+    the average over seeds is the weighted exact E-step's, and unit weights change nothing."""
+    exact = DeepGaussian((2, 2), (2, 1), weighted=True)
+    params = _model(exact, 3, seed=5)
+    x = _data(exact, params, 20, seed=6)
+    w = np.random.default_rng(7).uniform(0.0, 3.0, size=20)
+    xw = np.column_stack([x, w])
+    expected = _sem.expected_statistics(exact, params, exact.estep(params, xw, np))
+    assert expected["n"] == pytest.approx(np.sum(w), rel=1e-14)
+    draws = [DeepGaussian((2, 2), (2, 1), weighted=True, fit_method="stochastic",
+                          random_state=seed).estep(params, xw, np, Workspace(), start=50)
+             for seed in range(1500)]
+    for key, want in expected.items():
+        values = np.array([np.asarray(d[key], dtype=np.float64) for d in draws])
+        se = values.std(axis=0, ddof=1) / np.sqrt(len(draws))
+        scale = np.max(np.abs(want)) + 1.0
+        assert np.all(np.abs(values.mean(axis=0) - want) <= 5 * se + 1e-3 * scale), key
+    plain = DeepGaussian((2, 2), (2, 1), fit_method="stochastic", random_state=9)
+    ones = DeepGaussian((2, 2), (2, 1), weighted=True, fit_method="stochastic", random_state=9)
+    a = plain.estep(params, x, np, start=50)
+    b = ones.estep(params, np.column_stack([x, np.ones(20)]), np, start=50)
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+
 @pytest.mark.parametrize("cls", [DeepGaussian, GaussianNetwork])
 def test_block_statistics_do_not_depend_on_the_sub_batches(cls):
     family = cls((3, 2), (2, 1), fit_method="stochastic", random_state=11, iteration=4)
@@ -135,5 +161,3 @@ def test_bad_values_raise():
         DeepGaussian((2,), (1,), fit_method="sem")
     with pytest.raises(InvalidParameterError, match="random_state.*must be an int"):
         DeepGaussian((2,), (1,), fit_method="stochastic", random_state=1.5)
-    with pytest.raises(InvalidParameterError, match="sample_weight"):
-        GaussianNetwork((2,), (1,), fit_method="stochastic", weighted=True)
