@@ -28,11 +28,12 @@ the deepest)::
 
     n, loglik, n_nonfinite            as every family
     path_counts       (P,)            rows drawn on each path (the weights' M-step)
-
-(with row weights every sum counts each row's draw ``w_i`` times, and "rows" is their weight)
     sem{l}/w0         (k_l,)          rows
     sem{l}/sa, sb     (k_l, r)        sum (a - c_a), sum (b - c_b)
     sem{l}/saa, sab, sbb (k_l, r, r)  sums of the outer products of the shifted a, b
+
+With row weights ``w_i`` every sum counts row ``i``'s one draw ``w_i`` times ("rows" are then
+their total weight).
 
 Their expectation over the draws is the exact E-step's posterior sums
 (:func:`expected_statistics`), so the SEM M-step (:func:`regression_from_sums`, the joint
