@@ -49,13 +49,14 @@ def loglik_figure(runs: dict[int, list[float]], kept: list[float]):
     return fig
 
 
-def seconds_figure(runs: dict[int, list[float]]):
-    """Wall-clock seconds per iteration, one line per restart."""
+def seconds_figure(runs: dict[int, list[float]], label: str | None = None):
+    """Wall-clock seconds per iteration, one line per restart (or one line called
+    ``label``)."""
     fig = _figure(height=2.8)
     ax = fig.add_subplot()
     for init, seconds in sorted(runs.items()):
         ax.plot(np.arange(1, len(seconds) + 1), seconds, marker=".", lw=1,
-                label=f"restart {init + 1}")
+                label=label or f"restart {init + 1}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("seconds")
     ax.set_ylim(bottom=0)

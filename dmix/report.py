@@ -116,7 +116,7 @@ def _by_init(records, field: str) -> dict[int, list[float]]:
     return dict(out)
 
 
-def _history_sections(est, records) -> str:
+def _history_sections(est, records, selection=None) -> str:
     kept = [float(v) for v in getattr(est, "lower_bounds_", [])]
     runs = _by_init(records, "lower_bound") if records else {}
     # One restart whose bounds are the kept run's: draw it once.
@@ -131,11 +131,19 @@ def _history_sections(est, records) -> str:
         out.append('<p class="note">No iteration recorded.</p>')
     out.append('</section><section id="timing"><h2>Seconds per iteration</h2>')
     seconds = _by_init(records, "seconds") if records else {}
+    passes = list(getattr(selection, "pass_seconds", None) or [])
     if seconds:
         every = [s for v in seconds.values() for s in v]
         out.append(_img(plots.seconds_figure(seconds), "seconds per iteration"))
         out.append(f'<p class="note">median {np.median(every):.3f} s, max '
                    f"{np.max(every):.3f} s per iteration.</p>")
+    elif passes:  # a selection: every model's iteration shares one pass over the data
+        out.append(_img(plots.seconds_figure({0: passes}, label="all models"),
+                        "seconds per pass"))
+        out.append(f'<p class="note">The {len(selection.table)} models of the selection '
+                   f"iterate together, one pass over the data for all: {len(passes)} "
+                   f"pass(es), median {np.median(passes):.3f} s, max "
+                   f"{np.max(passes):.3f} s.</p>")
     else:
         out.append('<p class="note">Not recorded: pass the records of a '
                    "<code>dmix.engine.History</code> monitor (<code>history=</code>).</p>")
@@ -298,7 +306,7 @@ def write_report(path, estimator, *, history=None, data=None, selection=None,
     k = np.asarray(estimator.weights_).size
     title = title or f"{type(estimator).__name__}, {k} components"
     scores = _data_scores(estimator, data) if data is not None else None
-    body = [_fit_section(estimator, scores), _history_sections(estimator, records),
+    body = [_fit_section(estimator, scores), _history_sections(estimator, records, selection),
             _weights_section(estimator)]
     if selection is not None:
         body.append(_selection_section(selection))

@@ -51,12 +51,16 @@ class Selection:
     criterion : str
     models : dict
         Every fitted model, by ``(n_components, covariance_type)``.
+    pass_seconds : list of float
+        Wall-clock seconds of each shared pass of this call (one iteration of every model
+        still running, its M-steps and checkpoint included).
     """
 
     table: list[dict]
     best: GaussianMixture
     criterion: str
     models: dict = field(repr=False)
+    pass_seconds: list[float] = field(default_factory=list)
 
     def __iter__(self):  # table, best = dmix.select(...)
         return iter((self.table, self.best))
@@ -197,9 +201,17 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
     if loaded is None:
         save(runs, states)
     em_data = place_on_device(data, client, compute, persist=first.persist)
+    pass_seconds, since = [], [time.perf_counter()]
+
+    def on_pass(runs, states):
+        save(runs, states)
+        now = time.perf_counter()
+        pass_seconds.append(now - since[0])
+        since[0] = now
+
     run_em_many(families, em_data, runs, states, max_iter=first.max_iter, tol=first.tol,
                 stop=get_criterion(first.stopping_criterion), compute=compute,
-                on_pass=save, **passes)
+                on_pass=on_pass, **passes)
 
     best_runs = {}
     for key, run in zip(owners, runs, strict=True):
@@ -225,4 +237,4 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
                      "converged": bool(run.converged), "n_iter": run.n_iter}
     best = min(rows, key=lambda key: rows[key][criterion])  # the first on ties
     return Selection(table=list(rows.values()), best=models[best], criterion=criterion,
-                     models=models)
+                     models=models, pass_seconds=pass_seconds)

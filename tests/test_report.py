@@ -128,7 +128,10 @@ def test_selection_report_tabulates_the_grid(blobs, tmp_path):
     sel = dmix.select(blobs, [1, 2, 3], ["full", "spherical"], random_state=0)
     page = _parse(write_report(tmp_path / "sel.html", sel.best, selection=sel))
     assert page.sections == ["fit", "loglik", "timing", "weights", "selection", "data"]
-    assert len(page.images) == 4  # log-likelihood, weights, BIC grid, density
+    # log-likelihood, seconds per shared pass, weights, BIC grid, density
+    assert len(page.images) == 5
+    assert len(sel.pass_seconds) == max(row["n_iter"] for row in sel.table)
+    assert all(s > 0 for s in sel.pass_seconds)
     first = [k for k, _ in page.cells].index("covariance_type") - 1  # after the fit's table
     table = [(k, v) for k, v in page.cells[first:]
              if k in ("n_components", "covariance_type", "bic", "aic", "log_likelihood")]
@@ -141,6 +144,9 @@ def test_selection_report_tabulates_the_grid(blobs, tmp_path):
             assert float(row[key]) == pytest.approx(expected[key], abs=5e-7)
     text = open(tmp_path / "sel.html").read()
     assert f"K = {sel.best.n_components}, {sel.best.covariance_type}" in text
+    assert (f"The 6 models of the selection iterate together, one pass over the data for "
+            f"all: {len(sel.pass_seconds)} pass(es), median "
+            f"{np.median(sel.pass_seconds):.3f} s") in text
 
 
 def test_preview_reads_a_bounded_sample_of_a_zarr_store(tmp_path):
