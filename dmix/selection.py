@@ -201,13 +201,14 @@ def select(X, n_components, covariance_types=("full",), *, criterion="bic", n_in
     if loaded is None:
         save(runs, states)
     em_data = place_on_device(data, client, compute, persist=first.persist)
-    pass_seconds, since = [], [time.perf_counter()]
+    pass_seconds, since = [], time.perf_counter()
 
     def on_pass(runs, states):
+        nonlocal since
         save(runs, states)
         now = time.perf_counter()
-        pass_seconds.append(now - since[0])
-        since[0] = now
+        pass_seconds.append(now - since)
+        since = now
 
     run_em_many(families, em_data, runs, states, max_iter=first.max_iter, tol=first.tol,
                 stop=get_criterion(first.stopping_criterion), compute=compute,

@@ -203,8 +203,9 @@ class _Covariance:
         """The covariances as a (K, D, D) array of full matrices."""
         raise NotImplementedError
 
-    def apply_precision(self, prec_chol: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        """``P_k v_k`` for each component's vector ``v_k`` (rows of ``vectors``, (K, D))."""
+    def apply_precision(self, precisions: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """``P_k v_k`` for each component's vector ``v_k`` (rows of ``vectors``, (K, D)), from
+        ``precisions_``."""
         raise NotImplementedError
 
     def sandwich(self, precisions: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -301,8 +302,8 @@ class Full(_Covariance):
     def dense(self, covariances, n_components, n_features):
         return np.asarray(covariances, dtype=np.float64)
 
-    def apply_precision(self, prec_chol, vectors):
-        return np.einsum("kab,kb->ka", self.precisions(prec_chol), vectors)
+    def apply_precision(self, precisions, vectors):
+        return np.einsum("kab,kb->ka", precisions, vectors)
 
     def sandwich(self, precisions, s):
         return precisions @ s @ precisions
@@ -343,8 +344,8 @@ class Tied(Full):
     def precision_cholesky(self, covariances):
         return _upper_factor_of_inverse(covariances, _shared)
 
-    def apply_precision(self, prec_chol, vectors):
-        return vectors @ self.precisions(prec_chol)
+    def apply_precision(self, precisions, vectors):
+        return vectors @ precisions
 
     def scatter_counts(self, nk, n_features):
         return np.sum(nk)
@@ -417,8 +418,8 @@ class Diag(_Covariance):
         rows = np.broadcast_to(covariances, (n_components, n_features))
         return rows[:, :, None] * np.eye(n_features)
 
-    def apply_precision(self, prec_chol, vectors):
-        return self._precision_rows(prec_chol, *vectors.shape) * vectors
+    def apply_precision(self, precisions, vectors):
+        return self.per_coordinate(precisions, *vectors.shape) * vectors
 
     def sandwich(self, precisions, s):
         return precisions * precisions * s

@@ -206,11 +206,10 @@ validation_fraction, on_collapse, random_state, iteration
         n = float(stats["n"])
         nk = np.asarray(stats["nk"], dtype=np.float64)
         s1 = np.ascontiguousarray(stats["s1"], dtype=np.float64)
-        prec_chol = params["precisions_cholesky"]
-        prec = cov.precisions(prec_chol)
+        prec = cov.precisions(params["precisions_cholesky"])
         sigma_hat, weight = self.scatter(params, stats)
         resid = s1 - nk[:, None] * (params["means"] - _shift(params))  # sum_i r_ik (x_i - mu_k)
-        g_mu = cov.apply_precision(prec_chol, resid)
+        g_mu = cov.apply_precision(prec, resid)
         g_cov = 0.5 * weight * (cov.sandwich(prec, sigma_hat) - prec)
         g_logit = nk - np.sum(nk) * params["weights"]
         grad = np.concatenate([g_logit, g_mu.ravel(),

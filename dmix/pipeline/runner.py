@@ -361,7 +361,7 @@ def run_pipeline(pipeline, sets=(), *, dry_run: bool = False, client=None) -> di
                     "criterion": s["criterion"], "table": sel.table,
                     "best": {"n_components": est.n_components,
                              "covariance_type": est.covariance_type}}
-                selection, history = sel, None
+                selection, history, ran = sel, None, None
             else:
                 from dmix.engine.loop import History
 
@@ -378,7 +378,7 @@ def run_pipeline(pipeline, sets=(), *, dry_run: bool = False, client=None) -> di
             info = {"estimator": type(est).__name__, "n_components": int(est.n_components),
                     "converged": bool(est.converged_), "n_iter": int(est.n_iter_),
                     # iterations this run computed (fewer than n_iter after a resume)
-                    "iterations_run": len(history.records) if history is not None else None,
+                    "iterations_run": ran,
                     "lower_bound": float(est.lower_bound_), "fit_seconds": seconds,
                     "holdout_score": None, **paths[m["label"]]}
             if test_data is not None:

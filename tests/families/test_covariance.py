@@ -269,7 +269,7 @@ def test_apply_precision_and_sandwich_match_dense(cov, rng):
     prec = cov.precisions(u)
     v = rng.normal(size=(K, D))
     dense_prec = cov.dense(prec, K, D)
-    assert_rel(cov.apply_precision(u, v), np.einsum("kab,kb->ka", dense_prec, v), 1e-12)
+    assert_rel(cov.apply_precision(prec, v), np.einsum("kab,kb->ka", dense_prec, v), 1e-12)
     s = random_covariances(cov.name, rng)
     got = cov.sandwich(prec, s)
     assert np.shape(got) == cov.shape(K, D)
